@@ -29,18 +29,45 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_s3(args: argparse.Namespace) -> int:
-    from pagoda_dist.storage.local_s3 import s3_command
+    from pagoda_dist.storage.s3_cli import s3_command
 
     cfg = load_config(args.config, args.overrides) if args.config else Config()
-    return s3_command(args.action, Path(cfg.storage.embedded_s3_dir), cfg.storage.embedded_s3_port)
+    return s3_command(args.action, Path(cfg.storage.embedded_s3_dir), cfg.storage.embedded_s3_port,
+                      buckets=args.bucket)
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from pagoda_dist.data.prepare import prepare_from_config
+    from pagoda_dist.pipeline import prepare_from_config
 
     cfg = load_config(args.config, args.overrides)
-    report = prepare_from_config(cfg, src=args.src, out=args.out)
-    print(report.summary())
+    from pagoda_dist.pipeline import local_storage
+
+    with local_storage(cfg):
+        prepare_from_config(cfg, src=args.src, out=args.out)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pagoda_dist.pipeline import Preempted, run_pipeline
+
+    cfg = _load(args)
+    try:
+        records = run_pipeline(cfg, only=args.only)
+    except Preempted as err:
+        print(f"pagoda: {err}", file=sys.stderr)
+        return 143
+    print(f"[pagoda] run {cfg.run.name} complete: {cfg.run_url}")
+    for r in records:
+        print(f"  {r.name:<12} {r.status:<8} {r.seconds:7.0f} s")
+    return 0
+
+
+def cmd_precompute(args: argparse.Namespace) -> int:
+    from pagoda_dist.pipeline import local_services, precompute_step
+
+    cfg = _load(args)
+    with local_services(cfg):
+        precompute_step(cfg)
     return 0
 
 
@@ -57,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("s3", help="the embedded S3 server (SeaweedFS on 127.0.0.1)")
     p.add_argument("action", choices=["up", "down", "status"])
     p.add_argument("--config", default=None, help="config whose storage.embedded_s3_* settings to use")
+    p.add_argument("--bucket", action="append", default=[], help="create this bucket on `up` (repeatable)")
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_s3)
 
@@ -65,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--src", default=None, help="input images (default: data.source)")
     p.add_argument("--out", default=None, help="output URL (default: data.shards or ROOT/data/NAME-RES)")
     p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("run", help="the whole chain, resuming from what is committed")
+    _add_config_args(p)
+    p.add_argument("--only", action="append", default=None,
+                   help="run only this step (prepare, teacher, precompute, distill, grow-RES, evaluate); repeatable")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("precompute", help="DDIM-inversion latent pairs (and text embeddings) with a Ray actor pool")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_precompute)
+
+    from pagoda_dist.launch.cli import register
+
+    register(sub)
     return parser
 
 

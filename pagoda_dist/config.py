@@ -80,16 +80,18 @@ class DataConfig:
     image_format: Literal["png", "jpeg"] = knob("png", "encoding of images inside the shards")
     jpeg_quality: int = knob(95, "JPEG quality when image_format is jpeg")
     shard_size: int = knob(1000, "samples per shard")
+    limit: int | None = knob(None, "use at most this many source images (a deterministic subset; None: all)")
     val_fraction: float = knob(0.05, "fraction held out for evaluation (split by source photo where known)")
     prepare_workers: int = knob(2, "processes used by `pagoda prepare`")
     loader_workers: int = knob(1, "DataLoader worker processes per training rank")
-    shuffle_buffer: int = knob(256, "samples mixed in the deterministic shuffle buffer")
+    shuffle_buffer: int = knob(1024, "samples mixed in the deterministic shuffle window (fewer: more S3 requests)")
 
     def __post_init__(self) -> None:
         require(self.resolution >= 8 and self.resolution & (self.resolution - 1) == 0, "resolution",
                 f"must be a power of two >= 8, got {self.resolution}")
         require(1 <= self.jpeg_quality <= 100, "jpeg_quality", "must be in [1, 100]")
         require(self.shard_size >= 1, "shard_size", "must be >= 1")
+        require(self.limit is None or self.limit >= 1, "limit", "must be >= 1 (or null for all)")
         require(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
         require(self.prepare_workers >= 1, "prepare_workers", "must be >= 1")
         require(self.loader_workers >= 0, "loader_workers", "must be >= 0")

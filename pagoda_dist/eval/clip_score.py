@@ -1,0 +1,77 @@
+"""CLIP score for text-to-image samples: 100 x mean over pairs of max(cos(image embedding, caption embedding), 0).
+
+(The torchmetrics convention; Hessel et al.'s CLIPScore is 2.5 x the same mean cosine without the x 100.) Weights are
+read from a local open_clip checkpoint; a randomly initialised model is only built when asked for explicitly, and
+its score means nothing beyond exercising the code path.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .images import ImageBatch, to_rgb, to_unit_range
+
+Tokenizer = Callable[[Sequence[str]], torch.Tensor]
+# OpenAI CLIP's input statistics, for models built without a preprocessing config
+DEFAULT_PREPROCESS = {"size": (224, 224), "mean": (0.48145466, 0.4578275, 0.40821073),
+                      "std": (0.26862954, 0.26130258, 0.27577711)}
+
+
+def load_clip(arch: str = "ViT-B-32", weights_path: str | Path | None = None, random_init: bool = False,
+              device: str | torch.device = "cpu") -> tuple[nn.Module, Tokenizer]:
+    """A frozen open_clip model and its tokenizer, from a local weights file (or random init when asked)."""
+    import open_clip  # imported here: the training path without text never pays for it
+
+    if weights_path is None:
+        if not random_init:
+            raise ValueError(f"CLIP score needs local open_clip weights for {arch} (eval.clip_weights); pass "
+                             "random_init=True only for tests, where the score means nothing")
+        pretrained = None
+    else:
+        # Check the file ourselves: open_clip treats a string that is not a file as a tag and would download it.
+        if not Path(weights_path).is_file():
+            raise FileNotFoundError(f"open_clip weights file {weights_path} does not exist (eval.clip_weights); "
+                                    "weights are never downloaded")
+        pretrained = str(weights_path)
+    if arch not in open_clip.list_models():
+        raise ValueError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+    model = open_clip.create_model(arch, pretrained=pretrained, device=device)
+    model.requires_grad_(False)
+    return model.eval(), open_clip.get_tokenizer(arch)
+
+
+def _preprocess(x: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
+    """Centre square crop, bicubic resize to the model's input size, CLIP mean/std normalisation."""
+    h, w = x.shape[-2:]
+    s = min(h, w)
+    x = x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
+    x = F.interpolate(x, size=tuple(cfg["size"]), mode="bicubic", antialias=True, align_corners=False)
+    mean = torch.tensor(cfg["mean"], device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(cfg["std"], device=x.device).view(1, -1, 1, 1)
+    return (x.clamp(0, 1) - mean) / std
+
+
+@torch.no_grad()
+def clip_score(images: ImageBatch, captions: Sequence[str], model: nn.Module, tokenizer: Tokenizer,
+               batch_size: int = 32, value_range: tuple[float, float] = (-1.0, 1.0),
+               device: str | torch.device = "cpu") -> float:
+    """Mean CLIP score of (image i, caption i) pairs (see the module docstring for the scale)."""
+    if len(images) != len(captions):
+        raise ValueError(f"CLIP score pairs image i with caption i: got {len(images)} images, "
+                         f"{len(captions)} captions")
+    if len(captions) == 0:
+        raise ValueError("CLIP score of an empty set is undefined")
+    cfg = getattr(model.visual, "preprocess_cfg", None) or DEFAULT_PREPROCESS
+    total = 0.0
+    for start in range(0, len(captions), batch_size):
+        x = to_rgb(to_unit_range(images[start:start + batch_size], value_range, "images")).to(device)
+        img = F.normalize(model.encode_image(_preprocess(x, cfg)).float(), dim=-1)
+        txt = F.normalize(model.encode_text(tokenizer(list(captions[start:start + batch_size])).to(device)).float(),
+                          dim=-1)
+        total += (img * txt).sum(dim=-1).clamp(min=0).sum().item()
+    return 100.0 * total / len(captions)

@@ -1,0 +1,271 @@
+"""Losses of the distil and grow stages: reconstruction distances, hinge GAN, DiffAugment, adaptive GAN weight.
+
+Pure torch. The adaptive weight never differentiates with respect to network parameters: it takes gradients with
+respect to a detached copy of the generator's output, which keeps it valid under DeepSpeed ZeRO (where
+`autograd.grad` through an engine's parameters breaks the engine's backward bookkeeping).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+Distance = Callable[[Tensor, Tensor], Tensor]
+"""distance(x, target) -> scalar loss, averaged over the batch."""
+
+Logits = Tensor | Sequence[Tensor]
+"""Discriminator output: one tensor, or one per scale (each scale's loss is averaged with equal weight)."""
+
+
+# ----------------------------------------------------------------------------------------- reconstruction
+def pixel_l2(x: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error over all pixels."""
+    return F.mse_loss(x.float(), target.float())
+
+
+def image_pyramid(x: Tensor, min_resolution: int = 8) -> list[Tensor]:
+    """x, then 2x2-average-pooled copies down to `min_resolution` (at least x itself)."""
+    levels = [x]
+    while min(levels[-1].shape[-2:]) // 2 >= min_resolution:
+        levels.append(F.avg_pool2d(levels[-1], 2))
+    return levels
+
+
+def multiscale_l1_l2(x: Tensor, target: Tensor, min_resolution: int = 8) -> Tensor:
+    """L1 + L2 at every level of an average-pooling pyramid, averaged over levels.
+
+    Coarse levels weigh layout and colour as much as the fine level weighs detail, so the reconstruction does not
+    trade global structure for texture; L1 keeps gradients alive when errors are small.
+    """
+    if x.shape != target.shape:
+        raise ValueError(f"multiscale_l1_l2: shapes differ, {tuple(x.shape)} vs {tuple(target.shape)}")
+    losses = [F.l1_loss(a, b) + F.mse_loss(a, b)
+              for a, b in zip(image_pyramid(x.float(), min_resolution), image_pyramid(target.float(), min_resolution))]
+    return torch.stack(losses).mean()
+
+
+class FeatureDistance:
+    """Distance in the feature maps of a frozen network (LPIPS-like, without learned layer weights).
+
+    Each map is unit-normalised along channels, then the squared difference is averaged per map and over maps.
+    `features(x)` returns a list of (B, C, H, W) maps; images are resized to `input_size` first when given.
+    """
+
+    def __init__(self, features: Callable[[Tensor], list[Tensor]], input_size: int | None = None) -> None:
+        self.features = features
+        self.input_size = input_size
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        if self.input_size is not None and x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
+        return x
+
+    def __call__(self, x: Tensor, target: Tensor) -> Tensor:
+        with torch.no_grad():
+            target_feats = self.features(self._prepare(target))
+        feats = self.features(self._prepare(x))
+        dists = [(F.normalize(a.float(), dim=1) - F.normalize(b.float(), dim=1)).square().sum(1).mean()
+                 for a, b in zip(feats, target_feats)]
+        return torch.stack(dists).mean()
+
+
+def reconstruction_distance(kind: str, feature_net: Callable[[Tensor], list[Tensor]] | None = None,
+                            feature_input_size: int | None = None) -> Distance:
+    """The distance named by `AdversarialConfig.rec_loss`: "pixel", "multiscale" or "feature" (needs feature_net)."""
+    if kind == "pixel":
+        return pixel_l2
+    if kind == "multiscale":
+        return multiscale_l1_l2
+    if kind == "feature":
+        if feature_net is None:
+            raise ValueError("rec_loss 'feature' needs a frozen feature network: set "
+                             "adversarial.discriminator.backbone_weights (or pass feature_net)")
+        return FeatureDistance(feature_net, feature_input_size)
+    raise ValueError(f"rec_loss {kind!r}: expected 'pixel', 'multiscale' or 'feature'")
+
+
+def distillation_loss(fake: Tensor, teacher_sample: Tensor, distance: Distance = multiscale_l1_l2) -> Tensor:
+    """distance(G(z), teacher sample from the same noise), the teacher sample held constant.
+
+    A grown generator's output is average-pooled to the teacher's (base) resolution first.
+    """
+    if fake.shape[-1] != teacher_sample.shape[-1]:
+        factor = fake.shape[-1] // teacher_sample.shape[-1]
+        if factor < 1 or fake.shape[-1] != factor * teacher_sample.shape[-1]:
+            raise ValueError(f"distillation_loss: generator output {tuple(fake.shape)} is not an integer multiple of "
+                             f"the teacher sample {tuple(teacher_sample.shape)}")
+        fake = F.avg_pool2d(fake, factor)
+    return distance(fake, teacher_sample.detach())
+
+
+# ------------------------------------------------------------------------------------------------ hinge GAN
+def _as_list(logits: Logits) -> list[Tensor]:
+    return [logits] if isinstance(logits, Tensor) else list(logits)
+
+
+def d_hinge_loss(real_logits: Logits, fake_logits: Logits) -> Tensor:
+    """Discriminator hinge loss: mean(relu(1 - D(real))) + mean(relu(1 + D(fake))), averaged over scales."""
+    real, fake = _as_list(real_logits), _as_list(fake_logits)
+    if len(real) != len(fake):
+        raise ValueError(f"d_hinge_loss: {len(real)} real scales vs {len(fake)} fake scales")
+    losses = [F.relu(1 - r.float()).mean() + F.relu(1 + f.float()).mean() for r, f in zip(real, fake)]
+    return torch.stack(losses).mean()
+
+
+def g_hinge_loss(fake_logits: Logits) -> Tensor:
+    """Generator loss: -mean(D(fake)), averaged over scales."""
+    return -torch.stack([f.float().mean() for f in _as_list(fake_logits)]).mean()
+
+
+# ----------------------------------------------------------------------------------------------- DiffAugment
+DIFFAUG_POLICIES = ("color", "translation", "cutout")
+
+
+def diff_augment(*images: Tensor, policy: str = "color,translation,cutout",
+                 generator: torch.Generator | None = None, translation_ratio: float = 0.125,
+                 cutout_ratio: float = 0.5) -> tuple[Tensor, ...]:
+    """Differentiable augmentation (Zhao et al. 2020), the same random draw applied to every tensor passed.
+
+    Each of `images` is (B, C, H, W) with the same B, H, W; sample i of every tensor gets the same brightness,
+    saturation, contrast, shift and cutout. Deterministic given `generator` (which must live on the images'
+    device); an empty policy returns the inputs unchanged.
+    """
+    if not images:
+        return ()
+    names = [p for p in policy.split(",") if p]
+    unknown = set(names) - set(DIFFAUG_POLICIES)
+    if unknown:
+        raise ValueError(f"diffaug policy {sorted(unknown)} unknown; choose from {list(DIFFAUG_POLICIES)}")
+    b, _, h, w = images[0].shape
+    for x in images[1:]:
+        if x.shape[0] != b or x.shape[-2:] != (h, w):
+            raise ValueError(f"diff_augment: all tensors need the same batch and size, got {tuple(images[0].shape)} "
+                             f"and {tuple(x.shape)}")
+    device = images[0].device
+
+    def rand(*shape: int) -> Tensor:
+        return torch.rand(*shape, generator=generator, device=device)
+
+    out = list(images)
+    for name in names:
+        if name == "color":
+            brightness, saturation, contrast = rand(b, 1, 1, 1) - 0.5, rand(b, 1, 1, 1) * 2, rand(b, 1, 1, 1) + 0.5
+            out = [_color(x, brightness, saturation, contrast) for x in out]
+        elif name == "translation":
+            sy, sx = int(h * translation_ratio + 0.5), int(w * translation_ratio + 0.5)
+            ty = (rand(b) * (2 * sy + 1)).long() - sy
+            tx = (rand(b) * (2 * sx + 1)).long() - sx
+            out = [_translate(x, ty, tx, sy, sx) for x in out]
+        else:
+            ch, cw = int(h * cutout_ratio + 0.5), int(w * cutout_ratio + 0.5)
+            cy = (rand(b) * (h + 1 - ch % 2)).long()
+            cx = (rand(b) * (w + 1 - cw % 2)).long()
+            keep = _cutout_mask(b, h, w, cy, cx, ch, cw, device)
+            out = [x * keep.to(x.dtype) for x in out]
+    return tuple(out)
+
+
+def _color(x: Tensor, brightness: Tensor, saturation: Tensor, contrast: Tensor) -> Tensor:
+    x = x + brightness.to(x.dtype)
+    mean_c = x.mean(dim=1, keepdim=True)
+    x = (x - mean_c) * saturation.to(x.dtype) + mean_c
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return (x - mean) * contrast.to(x.dtype) + mean
+
+
+def _translate(x: Tensor, ty: Tensor, tx: Tensor, sy: int, sx: int) -> Tensor:
+    """Shifts sample i by (ty[i], tx[i]) pixels, filling with zeros; a gather from the padded image."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, [sx, sx, sy, sy])
+    rows = (torch.arange(h, device=x.device)[None, :] - ty[:, None] + sy)  # (B, H) rows of the padded image
+    cols = (torch.arange(w, device=x.device)[None, :] - tx[:, None] + sx)  # (B, W)
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    return padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+
+def _cutout_mask(b: int, h: int, w: int, cy: Tensor, cx: Tensor, ch: int, cw: int, device: torch.device) -> Tensor:
+    """(B, 1, H, W): 0 inside a ch x cw square centred at (cy, cx) (clipped at the border), 1 elsewhere."""
+    ys = torch.arange(h, device=device)[None, :] - (cy[:, None] - ch // 2)  # offset into the square
+    xs = torch.arange(w, device=device)[None, :] - (cx[:, None] - cw // 2)
+    inside = ((ys >= 0) & (ys < ch))[:, :, None] & ((xs >= 0) & (xs < cw))[:, None, :]
+    return (~inside).unsqueeze(1)
+
+
+# ------------------------------------------------------------------------------------- adaptive GAN weight
+def adaptive_gan_weight(rec_loss: Tensor, gan_loss: Tensor, wrt: Tensor, *, factor: float = 1.0,
+                        clip: Sequence[float] = (0.01, 10.0), eps: float = 1e-8) -> Tensor:
+    """factor * clip(||d rec/d wrt|| / ||d gan/d wrt||, lo, hi), a detached scalar.
+
+    `wrt` must be a detached leaf (`out.detach().requires_grad_()`) on which both losses were computed: the
+    gradients then never reach network parameters (see the module docstring). Both graphs are kept.
+    """
+    _check_detached_leaf(wrt)
+    g_rec, g_gan = _grads(rec_loss, gan_loss, wrt)
+    return _weight(g_rec, g_gan, factor, clip, eps)
+
+
+def _check_detached_leaf(wrt: Tensor) -> None:
+    if wrt.grad_fn is not None or not wrt.requires_grad:
+        raise ValueError("adaptive GAN weight: `wrt` must be a detached leaf, out.detach().requires_grad_(), with "
+                         "both losses computed on it; differentiating through the generator's parameters breaks "
+                         "DeepSpeed ZeRO")
+
+
+def _grads(rec_loss: Tensor, gan_loss: Tensor, wrt: Tensor, retain_graph: bool = True) -> tuple[Tensor, Tensor]:
+    (g_rec,) = torch.autograd.grad(rec_loss, wrt, retain_graph=retain_graph)
+    (g_gan,) = torch.autograd.grad(gan_loss, wrt, retain_graph=retain_graph)
+    return g_rec, g_gan
+
+
+def _weight(g_rec: Tensor, g_gan: Tensor, factor: float, clip: Sequence[float], eps: float) -> Tensor:
+    lo, hi = clip
+    ratio = g_rec.float().norm() / (g_gan.float().norm() + eps)
+    return (ratio.clamp(lo, hi) * factor).detach()
+
+
+@dataclass
+class GeneratorObjective:
+    """The generator's loss for one step. `loss` has the value rec + weight * gan and, by construction, the gradient
+    g_rec + weight * g_gan with respect to the generator output: backpropagate it (also through a DeepSpeed
+    engine) like any loss. The other fields are detached, for logging."""
+
+    loss: Tensor
+    rec: Tensor
+    gan: Tensor
+    weight: Tensor
+    rec_grad_norm: Tensor
+    gan_grad_norm: Tensor
+
+
+def generator_objective(out: Tensor, rec_fn: Callable[[Tensor], Tensor],
+                        gan_fn: Callable[[Tensor], Tensor] | None, *, factor: float = 1.0,
+                        clip: Sequence[float] = (0.01, 10.0), eps: float = 1e-8) -> GeneratorObjective:
+    """rec + adaptive_weight * gan for the generator output `out`, each loss evaluated once.
+
+    rec_fn(o) and gan_fn(o) map an output to a scalar loss (the GAN one typically `g_hinge_loss(D(augment(o)))`,
+    with D's parameters frozen during this step); `gan_fn=None` trains reconstruction only (before the GAN starts).
+    Both losses run on od = out.detach().requires_grad_(); their gradients w.r.t. od are combined with the weight
+    held constant and pushed into the generator through `out` by a linear surrogate. That equals backpropagating
+    rec + weight * gan through `out`, without a second discriminator pass and without autograd.grad on parameters.
+    """
+    od = out.detach().requires_grad_()
+    rec = rec_fn(od)
+    if gan_fn is None:
+        (g_out,) = torch.autograd.grad(rec, od)
+        gan = weight = g_gan_norm = rec.detach().new_zeros(())
+        g_rec_norm = g_out.float().norm()
+    else:
+        gan = gan_fn(od)
+        g_rec, g_gan = _grads(rec, gan, od, retain_graph=False)
+        weight = _weight(g_rec, g_gan, factor, clip, eps)
+        g_out = g_rec + weight.to(g_gan.dtype) * g_gan
+        g_rec_norm, g_gan_norm = g_rec.float().norm(), g_gan.float().norm()
+    surrogate = (out * g_out.detach()).sum()
+    value = rec.detach() + weight * gan.detach()
+    loss = surrogate - surrogate.detach() + value  # the real loss's value, the surrogate's gradient
+    return GeneratorObjective(loss, rec.detach(), gan.detach(), weight, g_rec_norm.detach(), g_gan_norm.detach())

@@ -1,0 +1,155 @@
+"""Conditional multi-scale discriminator for the distil and grow stages (hinge logits, one tensor per scale).
+
+Two kinds, picked by `DiscriminatorConfig.backbone`:
+- "none": `num_scales` small conv nets, scale s judging the image average-pooled by 2**s;
+- "efficientnet_lite0": a projected discriminator, small heads on the multi-scale feature maps of a frozen
+  ImageNet EfficientNet-Lite0 (the deepest `num_scales` of its four taps).
+Both end in a projection head: logit = w . phi + <e(cond), phi>, with a class table (NO_CLASS -> last row) or a
+projection of the pooled text embedding, so the logits judge image-condition agreement, not just realism.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from pagoda_dist.config import DiscriminatorConfig
+from pagoda_dist.models.conditioning import NO_CLASS, Condition
+
+MIN_RESOLUTION = 4  # the coarsest map a conv scale reduces to
+
+
+def _act(x: Tensor) -> Tensor:
+    return F.leaky_relu(x, 0.2)
+
+
+class DownBlock(nn.Module):
+    """Two 3x3 convs with LeakyReLU, 2x average-pool down; residual with a 1x1 skip, scaled to keep variance."""
+
+    def __init__(self, in_ch: int, out_ch: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, in_ch, 3, padding=1)
+        self.conv2 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = F.avg_pool2d(_act(self.conv2(_act(self.conv1(x)))), 2)
+        return (self.skip(F.avg_pool2d(x, 2)) + h) * math.sqrt(0.5)
+
+
+class ProjectionHead(nn.Module):
+    """Features (B, F) -> logits (B,), plus the inner product with the embedded condition (projection D)."""
+
+    def __init__(self, features: int, num_classes: int = 0, text_dim: int = 0) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.linear = nn.Linear(features, 1)
+        self.class_embed = nn.Embedding(num_classes + 1, features) if num_classes else None
+        self.text_embed = nn.Linear(text_dim, features, bias=False) if text_dim else None
+        for table in (self.class_embed, self.text_embed):
+            if table is not None:
+                nn.init.normal_(table.weight, std=features**-0.5)
+
+    def forward(self, phi: Tensor, cond: Condition) -> Tensor:
+        logits = self.linear(phi).squeeze(1)
+        if self.class_embed is not None and cond.class_labels is not None:
+            labels = cond.class_labels.to(phi.device, torch.long)
+            rows = torch.where(labels == NO_CLASS, torch.full_like(labels, self.num_classes), labels)
+            logits = logits + (self.class_embed(rows).to(phi.dtype) * phi).sum(1)
+        if self.text_embed is not None and cond.text_pooled is not None:
+            logits = logits + (self.text_embed(cond.text_pooled.to(phi.dtype)) * phi).sum(1)
+        return logits
+
+
+class ConvScale(nn.Module):
+    """A small conv net for one image scale: from-RGB conv, DownBlocks to 4x4, conv, global mean -> features."""
+
+    def __init__(self, in_channels: int, resolution: int, channels: int, max_channels: int) -> None:
+        super().__init__()
+        self.from_rgb = nn.Conv2d(in_channels, channels, 3, padding=1)
+        blocks, ch, res = [], channels, resolution
+        while res > MIN_RESOLUTION:
+            out = min(2 * ch, max_channels)
+            blocks.append(DownBlock(ch, out))
+            ch, res = out, res // 2
+        self.blocks = nn.Sequential(*blocks)
+        self.final = nn.Conv2d(ch, ch, 3, padding=1)
+        self.features = ch
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = self.blocks(_act(self.from_rgb(x)))
+        return _act(self.final(h)).mean(dim=(2, 3))
+
+
+class FeatureScale(nn.Module):
+    """A head on one frozen backbone feature map: 1x1 conv to `channels`, 3x3 conv, global mean -> features."""
+
+    def __init__(self, in_channels: int, channels: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, channels, 1)
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+        self.features = channels
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _act(self.conv(_act(self.proj(x)))).mean(dim=(2, 3))
+
+
+class Discriminator(nn.Module):
+    """D(x, cond) -> list of (B,) hinge logits, one per scale. `resolution` is the image size it judges."""
+
+    def __init__(
+        self,
+        cfg: DiscriminatorConfig,
+        resolution: int,
+        *,
+        in_channels: int = 3,
+        num_classes: int = 0,
+        text_dim: int = 0,
+        backbone_input_size: int = 224,
+    ) -> None:
+        super().__init__()
+        self.resolution = resolution
+        self.backbone_input_size = backbone_input_size
+        if cfg.backbone == "efficientnet_lite0":
+            # Imported only here: the plain discriminator needs neither the backbone code nor its weights.
+            from pagoda_dist.models.efficientnet_lite0 import load_efficientnet_lite0
+
+            self.backbone = load_efficientnet_lite0(cfg.backbone_weights)
+            taps = self.backbone.feature_channels
+            if cfg.num_scales > len(taps):
+                raise ValueError(f"discriminator.num_scales={cfg.num_scales}: the efficientnet_lite0 backbone has "
+                                 f"only {len(taps)} feature maps; use at most {len(taps)}")
+            self.taps = list(range(len(taps) - cfg.num_scales, len(taps)))
+            self.scales = nn.ModuleList([FeatureScale(taps[i], cfg.channels) for i in self.taps])
+        else:
+            coarsest = resolution >> (cfg.num_scales - 1)
+            if coarsest < MIN_RESOLUTION:
+                most = int(math.log2(resolution // MIN_RESOLUTION)) + 1
+                raise ValueError(f"discriminator.num_scales={cfg.num_scales} at resolution {resolution} judges a "
+                                 f"{coarsest}px image; use at most {most} scales (coarsest {MIN_RESOLUTION}px)")
+            self.backbone = None
+            self.scales = nn.ModuleList([ConvScale(in_channels, resolution >> s, cfg.channels, 8 * cfg.channels)
+                                         for s in range(cfg.num_scales)])
+        self.heads = nn.ModuleList([ProjectionHead(s.features, num_classes, text_dim) for s in self.scales])
+
+    def forward(self, x: Tensor, cond: Condition | None = None) -> list[Tensor]:
+        if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
+            raise ValueError(f"discriminator built for {self.resolution}px got images {tuple(x.shape)}")
+        cond = Condition() if cond is None else cond
+        if self.backbone is not None:
+            return self._projected(x, cond)
+        logits = []
+        for s, (scale, head) in enumerate(zip(self.scales, self.heads)):
+            xs = F.avg_pool2d(x, 2**s) if s else x
+            logits.append(head(scale(xs), cond))
+        return logits
+
+    def _projected(self, x: Tensor, cond: Condition) -> list[Tensor]:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)  # the backbone is an RGB network; grey images are replicated
+        if x.shape[-1] != self.backbone_input_size:
+            x = F.interpolate(x, size=self.backbone_input_size, mode="bilinear", align_corners=False, antialias=True)
+        feats = self.backbone.forward_features(x)  # frozen weights; gradients still reach x for the generator
+        return [head(scale(feats[i]), cond) for i, scale, head in zip(self.taps, self.scales, self.heads)]

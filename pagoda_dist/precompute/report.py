@@ -1,0 +1,105 @@
+"""What a precompute run did: counts, inversion quality (PSNR of sample(invert(x)) vs x), cost, failures."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .worker import ShardResult
+
+
+class PrecomputeError(ValueError):
+    """Precompute cannot start: bad inputs, no committed teacher, a missing CLIP file, or foreign output."""
+
+
+@dataclass(frozen=True)
+class Quality:
+    """PSNR (dB) of the round trip over the checked subset of every shard."""
+
+    mean: float
+    min: float
+    n: int
+
+    @staticmethod
+    def of(results: list[ShardResult]) -> Quality:
+        checked = [r for r in results if r.psnr_n > 0 and not math.isnan(r.psnr_mean)]
+        n = sum(r.psnr_n for r in checked)
+        if not n:
+            return Quality(float("nan"), float("nan"), 0)
+        return Quality(sum(r.psnr_mean * r.psnr_n for r in checked) / n, min(r.psnr_min for r in checked), n)
+
+    def to_dict(self) -> dict[str, Any]:
+        nan = math.isnan(self.mean)
+        return {"mean_db": None if nan else round(self.mean, 3), "min_db": None if nan else round(self.min, 3),
+                "images": self.n}
+
+
+@dataclass
+class PrecomputeReport:
+    """The outcome of `run_precompute`; `summary()` is what the command prints."""
+
+    pairs_url: str
+    reused: bool                                  # the set was committed already with these settings
+    shards_total: int
+    shards_computed: int
+    shards_skipped: int                           # committed by an earlier (interrupted) run
+    images_total: int
+    images_computed: int
+    latents_per_image: int                        # 2 with flip
+    network_evals_per_latent: int
+    quality: Quality
+    elapsed_s: float
+    failed: dict[str, str] = field(default_factory=dict)   # input shard -> last error
+    actors_started: int = 0
+    actor_deaths: int = 0
+    retries: int = 0
+    peak_actors: int = 0
+    text_encoder: dict[str, Any] | None = None
+    teacher_url: str = ""
+    committed: bool = False                       # the set's manifest and COMMIT marker were written
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images_computed / self.elapsed_s if self.elapsed_s > 0 else 0.0
+
+    def summary(self) -> str:
+        q = self.quality
+        psnr = f"{q.mean:.2f} dB mean, {q.min:.2f} dB min over {q.n} images" if q.n else "not measured"
+        if self.reused:
+            head = f"{self.pairs_url}: already complete (same settings, nothing to do)"
+        else:
+            head = (f"{self.pairs_url}: {self.shards_computed} shards computed, {self.shards_skipped} already "
+                    f"committed, of {self.shards_total}; {self.images_computed} images in {self.elapsed_s:.1f}s "
+                    f"({self.images_per_s:.2f} img/s)")
+        lines = [head,
+                 f"  {self.images_total} images, {self.latents_per_image} latent(s) each; "
+                 f"{self.network_evals_per_latent} teacher evaluations per latent",
+                 f"  inversion PSNR sample(invert(x)) vs x: {psnr}",
+                 f"  teacher: {self.teacher_url}"]
+        if self.text_encoder is not None:
+            flag = " (RANDOMLY INITIALISED, not a trained CLIP)" if self.text_encoder.get("random_init") else ""
+            lines.append(f"  text encoder: {self.text_encoder.get('arch')}{flag}")
+        if self.actors_started:
+            lines.append(f"  actors: {self.actors_started} started (peak {self.peak_actors}), "
+                         f"{self.actor_deaths} died, {self.retries} shard retries")
+        if self.failed:
+            lines.append(f"  FAILED {len(self.failed)} shard(s); the set is not committed:")
+            lines += [f"    {name}: {error}" for name, error in sorted(self.failed.items())]
+        return "\n".join(lines)
+
+
+class PrecomputeFailed(RuntimeError):
+    """Some shards failed after all retries; the others are committed, the set is not. Carries the report."""
+
+    def __init__(self, report: PrecomputeReport) -> None:
+        names = ", ".join(sorted(report.failed))
+        super().__init__(f"precompute: {len(report.failed)} shard(s) failed after retries: {names}; the other "
+                         f"shards are committed and a re-run only redoes the failed ones\n{report.summary()}")
+        self.report = report
+
+
+__all__ = ["PrecomputeError", "PrecomputeFailed", "PrecomputeReport", "Quality"]

@@ -1,0 +1,142 @@
+"""Finding and loading the teacher that precompute inverts with: the EMA weights of its latest committed checkpoint.
+
+The runtime writes `RUN_URL/teacher/step-N/export.pt` (see `runtime.checkpoint`): `{"architecture", "network",
+"ema", "net", ...}`. `find_teacher_export` resolves the export once, in the driver, so every actor loads the same
+checkpoint even if training commits a newer one meanwhile; `load_teacher` is what each actor runs once.
+The plain `{"architecture": ..., "state_dict": ...}` payload of `models.checkpoint_safety` loads too.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from pagoda_dist import storage
+from pagoda_dist.models.checkpoint_safety import model_from_architecture
+from pagoda_dist.models.unet import UNet
+from pagoda_dist.runtime.checkpoint import CheckpointRef, CheckpointStore, SavePayload, load_export
+
+TEACHER_STAGE = "teacher"
+EXPORT_NAME = "export.pt"
+
+
+class TeacherError(ValueError):
+    """No usable teacher: nothing committed, no export in the checkpoint, or an export that is not a UNet."""
+
+
+@dataclass(frozen=True)
+class TeacherRef:
+    """The teacher checkpoint a precompute run uses."""
+
+    export_url: str      # .../teacher/step-N/export.pt
+    nimg: int            # images the teacher had seen
+    architecture: dict   # the UNet's architecture record (models.checkpoint_safety format)
+
+
+def find_teacher_export(run_url: str) -> str:
+    """URL of the export.pt of the latest committed teacher checkpoint under `run_url`; TeacherError if none."""
+    return _latest_export(run_url)[0]
+
+
+def _latest_export(run_url: str) -> tuple[str, int]:
+    store = CheckpointStore(run_url, TEACHER_STAGE)
+    ref = store.latest_committed()
+    if ref is None:
+        present = storage.list_dir(store.url)
+        detail = (f"found only uncommitted folders ({', '.join(u.rsplit('/', 1)[-1] for u in present[:3])}): a "
+                  "teacher run may still be saving or died midway" if present else "nothing is there")
+        raise TeacherError(f"no committed teacher checkpoint under {store.url} ({detail}); train the teacher first "
+                           "(`pagoda train CONFIG --stage teacher`) or point run.root / run.name at its run")
+    parts = storage.read_commit(ref.url).parts
+    if EXPORT_NAME not in parts:
+        raise TeacherError(f"teacher checkpoint {ref.url} has no {EXPORT_NAME} (parts: {', '.join(sorted(parts))})")
+    return storage.join(ref.url, EXPORT_NAME), ref.nimg
+
+
+def _unet_architecture(payload: dict[str, Any], where: str) -> dict[str, Any]:
+    """The UNet's record in an export: the record itself, or the entry of the exported network in a per-net map."""
+    arch = payload.get("architecture")
+    if isinstance(arch, dict) and arch.get("kind") == "unet":
+        return arch
+    if isinstance(arch, dict):
+        named = arch.get(str(payload.get("network")))
+        if isinstance(named, dict) and named.get("kind") == "unet":
+            return named
+        units = [a for a in arch.values() if isinstance(a, dict) and a.get("kind") == "unet"]
+        if len(units) == 1:
+            return units[0]
+    raise TeacherError(f"{where}: no UNet architecture record in the export (found {arch!r:.200}); precompute "
+                       "needs a teacher-stage checkpoint")
+
+
+def _weights(payload: dict[str, Any], where: str) -> dict[str, Tensor]:
+    for key in ("ema", "state_dict"):  # the EMA is what the teacher is sampled with
+        if isinstance(payload.get(key), dict):
+            return payload[key]
+    raise TeacherError(f"{where}: the export holds no 'ema' (or 'state_dict') weights (keys: {sorted(payload)})")
+
+
+def _match_prefix(state: dict[str, Tensor], net: UNet) -> dict[str, Tensor]:
+    """Strips a wrapper's prefix (an EDMPrecond's `net.`) when the keys carry one and the UNet's do not."""
+    own = set(net.state_dict())
+    if set(state) == own:
+        return state
+    for prefix in ("net.", "module.", "_orig_mod."):
+        stripped = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if set(stripped) == own:
+            return stripped
+    return state  # load_state_dict's strict check then names the differing keys
+
+
+def load_teacher(export_url: str) -> tuple[UNet, dict[str, Any]]:
+    """The teacher UNet with its EMA weights (eval mode, frozen, fp32) and its architecture record."""
+    try:
+        payload = load_export(export_url)
+    except storage.StorageError as err:
+        raise TeacherError(f"cannot read the teacher export {export_url}: {err}") from None
+    if not isinstance(payload, dict):
+        raise TeacherError(f"{export_url}: expected a dict payload, got {type(payload).__name__}")
+    arch = _unet_architecture(payload, export_url)
+    net = model_from_architecture(arch)
+    if not isinstance(net, UNet):
+        raise TeacherError(f"{export_url}: the exported network is a {type(net).__name__}, not the teacher UNet")
+    try:
+        net.load_state_dict(_match_prefix(_weights(payload, export_url), net), strict=True)
+    except RuntimeError as err:
+        raise TeacherError(f"{export_url}: the weights do not fit the recorded architecture ({err})") from None
+    return net.float().eval().requires_grad_(False), arch
+
+
+def resolve_teacher(run_url: str) -> TeacherRef:
+    """Finds the latest committed teacher and reads its architecture (one read of the export, in the driver)."""
+    url, nimg = _latest_export(run_url)
+    _, arch = load_teacher(url)
+    return TeacherRef(export_url=url, nimg=nimg, architecture=arch)
+
+
+class _NoEngineState:
+    """A bare network has no optimizer or engine state to save beside its export."""
+
+    def save_state(self, directory: Path) -> None:
+        Path(directory).mkdir(parents=True, exist_ok=True)
+
+    def load_state(self, directory: Path) -> None:
+        raise TeacherError("an imported teacher checkpoint holds no training state to resume from")
+
+
+def commit_teacher(run_url: str, net: UNet, nimg: int = 0) -> CheckpointRef:
+    """Commits `net` as a teacher checkpoint in the runtime's layout (its weights as the EMA), e.g. to import a
+    teacher trained elsewhere, or an untrained one for demos, benchmarks and tests."""
+    arch = net.architecture()
+    state = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
+             for k, v in net.state_dict().items()}
+    export = {"format": 1, "stage": TEACHER_STAGE, "nimg": nimg, "network": "net", "architecture": {"net": arch},
+              "ema": state, "net": state}
+    meta = {"architecture": {"net": arch}, "imported": True}
+    return CheckpointStore(run_url, TEACHER_STAGE).save(SavePayload(nimg, _NoEngineState(), {}, meta, state, export))
+
+
+__all__ = ["EXPORT_NAME", "TeacherError", "TeacherRef", "commit_teacher", "find_teacher_export", "load_teacher",
+           "resolve_teacher"]

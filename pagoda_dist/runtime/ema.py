@@ -1,0 +1,58 @@
+"""Exponential moving average of a network, kept in fp32 on one rank and correct under ZeRO-3.
+
+The average is a full copy of the network made before any engine partitions it. Under ZeRO-3 every rank holds
+only a slice of each live parameter, so each update gathers the full parameters on all ranks (a collective that
+every rank joins) and the keeper rank folds them into its copy; the other ranks hold no copy at all.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+
+import torch
+from torch import Tensor, nn
+
+# A context manager that makes the given parameters whole for its duration (ZeRO-3 gather), or does nothing.
+Gather = Callable[[list[nn.Parameter]], AbstractContextManager]
+
+
+class Ema:
+    """fp32 EMA of `net`; `keep=False` on ranks that only take part in the gathers."""
+
+    def __init__(self, net: nn.Module, *, keep: bool) -> None:
+        self.net: nn.Module | None = None
+        if keep:
+            self.net = copy.deepcopy(net).float().eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, live: nn.Module, beta: float, gather: Gather) -> None:
+        """ema = beta * ema + (1 - beta) * live, for parameters; buffers are copied (collective under ZeRO-3)."""
+        params = dict(live.named_parameters())
+        with gather(list(params.values())):
+            if self.net is None:
+                return
+            for name, ema_param in self.net.named_parameters():
+                ema_param.lerp_(params[name].detach().float(), 1.0 - beta)
+            live_buffers = dict(live.named_buffers())
+            for name, ema_buffer in self.net.named_buffers():
+                ema_buffer.copy_(live_buffers[name])
+
+    def state_dict(self) -> dict[str, Tensor]:
+        if self.net is None:
+            raise RuntimeError("this rank keeps no EMA copy (only the keeper rank does)")
+        return {k: v.detach().clone() for k, v in self.net.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        if self.net is not None:
+            self.net.load_state_dict(state)
+
+
+@torch.no_grad()
+def full_state_dict(net: nn.Module, gather: Gather, *, keep: bool) -> dict[str, Tensor] | None:
+    """The whole `net` as an fp32 state dict on ranks with `keep` (collective under ZeRO-3), else None."""
+    with gather(list(net.parameters())):
+        if not keep:
+            return None
+        return {k: (v.detach().float() if v.is_floating_point() else v.detach()).clone()
+                for k, v in net.state_dict().items()}

@@ -1,0 +1,40 @@
+"""Ray Train's torch backend, plus the SIGTERM handler of `preemption` installed on every worker's main thread."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ray.train.backend import Backend
+from ray.train.torch import TorchConfig
+
+from .preemption import install_sigterm_handler
+
+
+class _PreemptibleBackend(Backend):
+    """Delegates to Ray's torch backend (process group set-up) and then installs the SIGTERM handler."""
+
+    @staticmethod
+    def _torch() -> Backend:
+        return TorchConfig.backend_cls.fget(TorchConfig())()
+
+    def on_start(self, worker_group: Any, backend_config: PreemptibleTorchConfig) -> None:
+        self._torch().on_start(worker_group, backend_config)
+        # worker_group.execute runs on each worker actor's main thread, where signal handlers may be set.
+        worker_group.execute(install_sigterm_handler, backend_config.sigterm_grace_s)
+
+    def on_training_start(self, worker_group: Any, backend_config: PreemptibleTorchConfig) -> None:
+        self._torch().on_training_start(worker_group, backend_config)
+
+    def on_shutdown(self, worker_group: Any, backend_config: PreemptibleTorchConfig) -> None:
+        self._torch().on_shutdown(worker_group, backend_config)
+
+
+@dataclass
+class PreemptibleTorchConfig(TorchConfig):
+    """`TorchConfig` whose workers save and stop on SIGTERM within `sigterm_grace_s` seconds."""
+
+    sigterm_grace_s: float = 60.0
+
+    @property
+    def backend_cls(self) -> type[Backend]:
+        return _PreemptibleBackend

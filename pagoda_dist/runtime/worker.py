@@ -1,0 +1,277 @@
+"""The per-worker training loop over any stage: engines, EMA, data, time in images, checkpoints, grids, logs.
+
+`run_worker` is what each Ray Train worker runs (see `trainer.train_stage`). It knows nothing of the stage's
+math: it builds one DeepSpeed engine per `stage.trainable()` network, resumes from the latest committed
+checkpoint if there is one, and calls `stage.train_step` once per micro-batch until `total_kimg` is reached or a
+SIGTERM asks it to save and stop.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pagoda_dist import storage
+from pagoda_dist.config import Config, ConfigError, TrainConfig, to_dict
+from pagoda_dist.models.conditioning import Condition
+from pagoda_dist.stages.base import Stage
+
+from . import preemption
+from .checkpoint import (CheckpointMismatch, CheckpointRef, CheckpointStore, SavePayload, capture_rng,
+                         restore_rng)
+from .comm import Comm
+from .drivers import DeepSpeedDriver, deepspeed_config
+from .ema import Ema, full_state_dict
+from .schedule import crossed, ema_beta
+from .source import DataFactory, DataRequest
+from .telemetry import Telemetry, start_wandb
+
+EXPORT_FORMAT = 1
+
+
+def train_config_for(cfg: Config, stage_name: str) -> TrainConfig:
+    """The `train` section that governs stage `stage_name` (teacher, distill, grow-RES)."""
+    if stage_name == "teacher":
+        return cfg.teacher.train
+    if stage_name == "distill":
+        return cfg.distill.train
+    if stage_name.startswith("grow"):
+        return cfg.grow.train
+    raise ConfigError(f"stage {stage_name!r}: unknown stage name; use teacher, distill or grow-RES (e.g. grow-128)")
+
+
+@dataclass
+class WorkerEnv:
+    """Environment for the workers; secret values never appear in a repr, log line or error message."""
+
+    plain: dict[str, str] = field(default_factory=dict)
+    secret: dict[str, str] = field(default_factory=dict)
+
+    def apply(self) -> None:
+        os.environ.update(self.plain)
+        os.environ.update(self.secret)
+
+    def __repr__(self) -> str:
+        return f"WorkerEnv(plain={self.plain!r}, secret={sorted(self.secret)} (values hidden))"
+
+
+@dataclass
+class WorkerJob:
+    """Everything a worker needs, shipped once through Ray (all fields picklable)."""
+
+    cfg: Config
+    stage_name: str
+    stage_factory: Callable[[Config], Stage]
+    data_factory: DataFactory
+    run_url: str     # absolute local path or object-store URL
+    local_dir: str   # absolute local folder for scratch files and wandb
+    env: WorkerEnv
+
+
+def ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
+    """The function handed to Ray Train's TorchTrainer."""
+    job: WorkerJob = config["job"]
+    job.env.apply()  # before deepspeed is imported: DS_ACCELERATOR picks its accelerator at import
+    import ray.train
+    import ray.train.torch
+
+    ctx = ray.train.get_context()
+    return run_worker(job, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
+
+
+def seed_all(seed: int, rank: int | None = None) -> None:
+    """Seeds torch, numpy and python; with `rank`, a stream of its own for that rank."""
+    value = seed if rank is None else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+    torch.manual_seed(value)
+    np.random.seed(value % 2**32)
+    random.seed(value)
+
+
+@contextlib.contextmanager
+def preserved_rng() -> Iterator[None]:
+    """Leaves every RNG as it was (sampling grids must not change what training draws next)."""
+    state = capture_rng()
+    try:
+        yield
+    finally:
+        restore_rng(state)
+
+
+def check_compatible(expected: dict[str, Any], saved: dict[str, Any], url: str) -> None:
+    """Refuses to resume a checkpoint whose layout this run cannot honour exactly."""
+    for key, hint in (("world_size", "resume with runtime.num_workers equal to the saved value"),
+                      ("zero_stage", "resume with the saved runtime.zero_stage"),
+                      ("precision", "resume with the saved runtime.precision"),
+                      ("engines", "the stage's trainable networks changed"),
+                      ("architecture", "the networks' architecture changed (check the model config)")):
+        if saved.get(key) != expected.get(key):
+            raise CheckpointMismatch(f"{url}: saved {key}={saved.get(key)!r} but this run has "
+                                     f"{key}={expected.get(key)!r}; {hint}, or train under a new run name")
+
+
+def run_worker(job: WorkerJob, rank: int, world_size: int, device: torch.device) -> dict[str, Any]:
+    started = time.perf_counter()
+    cfg = job.cfg
+    train = train_config_for(cfg, job.stage_name)
+    storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")  # reuses Ray's group
+    comm = Comm(device)
+    micro_batch = train.batch_size // (world_size * train.grad_accum)
+
+    seed_all(cfg.run.seed)  # identical initial weights on every rank
+    stage = job.stage_factory(cfg)
+    nets = stage.trainable()
+    first = next(iter(nets))
+    ema = Ema(nets[first], keep=rank == 0)
+    if ema.net is not None:
+        ema.net.to(device)
+    driver = DeepSpeedDriver(nets, stage.optimizers(), deepspeed_config(train, cfg.runtime, world_size))
+    store = CheckpointStore(job.run_url, job.stage_name, scratch=Path(job.local_dir) / "tmp")
+    meta = {"world_size": world_size, "zero_stage": cfg.runtime.zero_stage, "precision": cfg.runtime.precision,
+            "engines": list(nets), "architecture": stage.architecture(), "config": to_dict(cfg),
+            "batch_size": train.batch_size}
+
+    ready = {"engines": time.perf_counter() - started}
+    nimg, data_state, rng_state = 0, None, None
+    latest = comm.broadcast(store.latest_committed() if rank == 0 else None)
+    if latest is not None:
+        loaded = store.load(latest, driver, comm, check=lambda saved: check_compatible(meta, saved, latest.url))
+        nimg, data_state, rng_state = latest.nimg, loaded.data_state, loaded.rng
+        meta["flops_per_step"] = loaded.meta.get("flops_per_step")
+        if loaded.ema is not None:
+            ema.load_state_dict(loaded.ema)
+        if rank == 0:
+            print(f"[{job.stage_name}] resumed from {latest.url} ({nimg} images seen)", flush=True)
+
+    ready["resume"] = time.perf_counter() - started - ready["engines"]
+    source = job.data_factory(cfg, DataRequest(rank, world_size, micro_batch, cfg.run.seed, stage.inputs,
+                                               data_state))
+    batches = iter(source)
+    total_nimg = int(round(train.total_kimg * 1000))
+    log = cfg.logging
+    telemetry = Telemetry(comm, stage=job.stage_name, start_nimg=nimg, total_nimg=total_nimg,
+                          peak_flops=_peak_flops(device, cfg.runtime.precision),
+                          flops_per_step=meta.get("flops_per_step"), count_flops=latest is None,
+                          wandb_run=_wandb(job, meta) if rank == 0 else None,
+                          jsonl=Path(job.local_dir) / job.stage_name / "metrics.jsonl")
+    grid = _GridWriter(job, stage, store, device) if rank == 0 else None
+    if rank == 0:
+        print(f"[{job.stage_name}] ready in {time.perf_counter() - started:.1f} s (engines {ready['engines']:.1f} s, "
+              f"resume {ready['resume']:.1f} s), {world_size} ranks x {micro_batch} images x {train.grad_accum} "
+              f"accumulation steps", flush=True)
+    # Last thing before the loop, so no set-up step above can shift what the first step draws.
+    if rng_state is not None:
+        restore_rng(rng_state)
+    else:
+        seed_all(cfg.run.seed, rank)  # per-rank streams for noise and dropout
+
+    def save() -> CheckpointRef:
+        live = full_state_dict(driver.live(first), driver.gathered, keep=rank == 0)
+        ema_state = export = None
+        if rank == 0:
+            ema_state = ema.state_dict()
+            export = {"format": EXPORT_FORMAT, "stage": job.stage_name, "nimg": nimg, "network": first,
+                      "architecture": meta["architecture"], "ema": ema_state, "net": live}
+        ref = store.save(SavePayload(nimg, driver, source.state(), meta, ema_state, export), comm)
+        if rank == 0:
+            store.prune(log.keep_checkpoints)
+        return ref
+
+    saved = latest
+    preempted = False
+    loop_start = time.perf_counter()
+    while nimg < total_nimg:
+        if comm.any(preemption.stop_requested()):
+            preempted = True
+            break
+        driver.begin_step(nimg)
+        sums: dict[str, float] = {}
+        with telemetry.counting():
+            for _ in range(train.grad_accum):
+                for key, value in stage.train_step(next(batches).to(device), driver, nimg).items():
+                    sums[key] = sums.get(key, 0.0) + float(value)
+        before, nimg = nimg, nimg + train.batch_size
+        meta["flops_per_step"] = telemetry.flops_per_step
+        ema.update(driver.live(first), ema_beta(nimg, train.batch_size, train.ema_halflife_kimg, train.ema_rampup),
+                   driver.gathered)
+        telemetry.add({key: value / train.grad_accum for key, value in sums.items()})
+        done = nimg >= total_nimg
+        if crossed(before, nimg, log.log_every_kimg) or done:
+            telemetry.log(nimg)
+        if grid is not None and (crossed(before, nimg, log.sample_every_kimg) or done):
+            grid.write(ema.net, nimg)
+        if crossed(before, nimg, log.checkpoint_every_kimg) or done:
+            saved = save()
+    if preempted:
+        if saved is None or saved.nimg != nimg:
+            saved = save()
+        preemption.stopped_cleanly()
+        if rank == 0:
+            print(f"[{job.stage_name}] stopped on SIGTERM after saving {saved.url}", flush=True)
+    telemetry.finish()
+    if rank == 0:
+        print(f"[{job.stage_name}] {nimg} images seen; loop {time.perf_counter() - loop_start:.1f} s", flush=True)
+    return {"stage": job.stage_name, "nimg": nimg, "preempted": preempted,
+            "checkpoint_url": saved.url if saved else None,
+            "export_url": storage.join(saved.url, "export.pt") if saved else None,
+            "metrics": telemetry.history[-1] if telemetry.history else {},
+            "history": telemetry.history, "resumed_from": latest.nimg if latest else None}
+
+
+def _peak_flops(device: torch.device, precision: str) -> float:
+    from pagoda_dist.eval.flops import estimate_peak_flops
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    # Measured on every rank at once: on a shared machine each rank's share is what its steps can use.
+    return estimate_peak_flops(device, dtype, trials=2)
+
+
+def _wandb(job: WorkerJob, meta: dict[str, Any]) -> Any:
+    log = job.cfg.logging
+    return start_wandb(log.wandb_mode, log.wandb_project, f"{job.cfg.run.name}-{job.stage_name}",
+                       Path(job.local_dir) / "wandb",
+                       {"config": meta["config"], "stage": job.stage_name, "world_size": meta["world_size"]})
+
+
+class _GridWriter:
+    """PNG grids from the EMA network on fixed noise, written to RUN_URL/STAGE/samples/ (rank 0 only)."""
+
+    def __init__(self, job: WorkerJob, stage: Stage, store: CheckpointStore, device: torch.device) -> None:
+        cfg = job.cfg
+        self.stage, self.store, self.n = stage, store, cfg.logging.grid_size ** 2
+        g = torch.Generator().manual_seed(cfg.run.seed)
+        shape = (self.n, cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
+        self.noise = torch.randn(shape, generator=g).to(device)
+        self.condition = _grid_condition(job, stage, self.n).to(device)
+        self.nrow = cfg.logging.grid_size
+
+    def write(self, net: torch.nn.Module, nimg: int) -> str:
+        from pagoda_dist.eval.grid import save_grid
+
+        with preserved_rng(), torch.no_grad():
+            images = self.stage.sample(net, self.noise, self.condition)
+        url = storage.join(self.store.url, "samples", f"grid-{nimg:09d}.png")
+        storage.write_bytes(url, save_grid(images.detach().float().cpu(), nrow=self.nrow))
+        return url
+
+
+def _grid_condition(job: WorkerJob, stage: Stage, n: int) -> Condition:
+    """Fixed conditions for the grids: class labels in order, or the first captions of the data stream."""
+    cfg = job.cfg
+    if cfg.model.num_classes:
+        return Condition(class_labels=torch.arange(n) % cfg.model.num_classes)
+    if cfg.model.text_dim:
+        with preserved_rng():
+            first = job.data_factory(cfg, DataRequest(0, 1, n, cfg.run.seed, stage.inputs, None))
+            return next(iter(first)).condition
+    return Condition()
