@@ -4,6 +4,8 @@ Config: 64 channels, channel_mult (1, 2, 2), 2 residual blocks per level, self-a
 the middle block), scale-shift norm, residual up/down-sampling. For each device, resolution, precision (fp32, bf16
 autocast) and memory format (channels-last or not), prints the median images/s over timed iterations after
 warm-up, next to the parameter count and the FLOPs per image (torch.utils.flop_counter, forward and training).
+On a shared CPU, wall-clock figures drop with other load: the "CPU share" column says how much of the requested
+threads' time the benchmark actually got, and "img/CPU-s" (images per CPU-second) is the load-robust comparison.
 
     python benchmarks/unet_throughput.py                     # CPU (and CUDA if present), 16/32/64 px, ~3 min on 2 cores
     python benchmarks/unet_throughput.py --compile           # also torch.compile'd variants
@@ -43,6 +45,7 @@ class Row:
     fwd_gflop_per_img: float
     train_gflop_per_img: float
     achieved_tflops: float
+    img_per_cpu_s: float  # images per second of process CPU time (all threads): robust to a shared machine
     cpu_share: float  # process CPU time / (wall time x threads): well below 1 means the CPU was shared
 
 
@@ -71,8 +74,9 @@ def sync(device: str) -> None:
 
 
 def time_training(resolution: int, device: str, precision: str, channels_last: bool, compiled: bool,
-                  batch: int, warmup: int, iters: int) -> tuple[float, int, float]:
-    """Median seconds per optimizer step over `iters` timed steps, the parameter count, and the CPU share."""
+                  batch: int, warmup: int, iters: int) -> tuple[float, int, float, float]:
+    """Median seconds per optimizer step over `iters` timed steps, the parameter count, the median CPU seconds
+    per step, and the CPU share over the timed steps."""
     torch.manual_seed(0)
     net = UNet(model_config(resolution, channels_last)).to(device)
     params = sum(p.numel() for p in net.parameters())
@@ -96,16 +100,16 @@ def time_training(resolution: int, device: str, precision: str, channels_last: b
 
     for _ in range(warmup):
         step()
-    times = []
-    cpu0, wall0 = time.process_time(), time.perf_counter()
+    times, cpu_times = [], []
     for _ in range(iters):
         sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         step()
         sync(device)
         times.append(time.perf_counter() - t0)
-    share = (time.process_time() - cpu0) / ((time.perf_counter() - wall0) * torch.get_num_threads())
-    return statistics.median(times), params, share
+        cpu_times.append(time.process_time() - c0)
+    share = sum(cpu_times) / (sum(times) * torch.get_num_threads())
+    return statistics.median(times), params, statistics.median(cpu_times), share
 
 
 def run(args: argparse.Namespace) -> list[Row]:
@@ -120,11 +124,12 @@ def run(args: argparse.Namespace) -> list[Row]:
             for compiled in ([False, True] if args.compile else [False]):
                 for precision in args.precisions:
                     for cl in (True, False):
-                        sec, params, share = time_training(res, device, precision, cl, compiled, args.batch,
+                        sec, params, cpu_sec, share = time_training(res, device, precision, cl, compiled, args.batch,
                                                     args.warmup, iters)
                         ips = args.batch / sec
                         rows.append(Row(device, res, precision, cl, compiled, args.batch, ips, 1e3 * sec,
-                                        params / 1e6, fwd_gflop, train_gflop, ips * train_gflop / 1e3, share))
+                                        params / 1e6, fwd_gflop, train_gflop, ips * train_gflop / 1e3,
+                                        args.batch / cpu_sec, share))
                         print_row(rows[-1], header=len(rows) == 1, flush=True)
     return rows
 
@@ -132,11 +137,12 @@ def run(args: argparse.Namespace) -> list[Row]:
 def print_row(r: Row, header: bool = False, flush: bool = False) -> None:
     if header:
         print("| device | res | precision | channels_last | compiled | batch | img/s | ms/step | params (M) "
-              "| fwd GFLOP/img | train GFLOP/img | achieved TFLOP/s | CPU share |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| fwd GFLOP/img | train GFLOP/img | achieved TFLOP/s | img/CPU-s | CPU share |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print(f"| {r.device} | {r.resolution} | {r.precision} | {r.channels_last} | {r.compiled} | {r.batch} "
           f"| {r.img_per_s:.1f} | {r.ms_per_step:.0f} | {r.params_m:.2f} | {r.fwd_gflop_per_img:.3f} "
-          f"| {r.train_gflop_per_img:.3f} | {r.achieved_tflops:.3f} | {r.cpu_share:.2f} |", flush=flush)
+          f"| {r.train_gflop_per_img:.3f} | {r.achieved_tflops:.3f} | {r.img_per_cpu_s:.2f} | {r.cpu_share:.2f} |",
+          flush=flush)
 
 
 def main() -> None:
@@ -160,6 +166,9 @@ def main() -> None:
     print(f"\n{len(rows)} configurations in {time.perf_counter() - t0:.0f} s; torch {torch.__version__}, "
           f"{torch.get_num_threads()} CPU threads"
           + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    if device_rows := [r for r in rows if r.device == "cpu" and r.cpu_share < 0.7]:
+        print(f"warning: {len(device_rows)} CPU rows got < 70% of {torch.get_num_threads()} threads' time (other load): "
+              "with more threads than free cores, OpenMP threads wait on each other; try --threads 1")
     if args.json:
         with open(args.json, "w") as f:
             json.dump([asdict(r) for r in rows], f, indent=1)

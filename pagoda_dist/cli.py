@@ -71,6 +71,75 @@ def cmd_precompute(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_config(args: argparse.Namespace) -> Config:
+    """RUN is a config file (+ overrides) or a run URL whose config.json `pagoda run` wrote."""
+    if args.run.endswith((".yaml", ".yml")):
+        return load_config(args.run, args.overrides)
+    import json
+
+    from pagoda_dist import storage
+    from pagoda_dist.config import from_dict
+
+    url = storage.join(args.run, "config.json")
+    if not storage.exists(url):
+        raise ConfigError(f"{args.run}: no config.json there; pass the run's YAML config or its run URL "
+                          "(ROOT/runs/NAME)")
+    return from_dict(json.loads(storage.read_bytes(url)))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from pagoda_dist.eval.evaluate import evaluate_run
+    from pagoda_dist.pipeline import local_storage
+
+    cfg = _run_config(args)
+    with local_storage(cfg):
+        evaluate_run(cfg)
+    print(f"[pagoda] metrics in {cfg.run_url}/eval/metrics.json")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from pagoda_dist.eval.report import build_report
+    from pagoda_dist.pipeline import local_storage
+
+    cfg = _run_config(args)
+    with local_storage(cfg):
+        path = build_report(cfg, Path(args.out or Path("work") / "reports" / cfg.run.name))
+    print(f"[pagoda] report: {path}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from pagoda_dist.eval.evaluate import generate, load_network
+    from pagoda_dist.eval.grid import save_grid
+    from pagoda_dist.models.conditioning import Condition
+    from pagoda_dist.pipeline import local_storage
+    from pagoda_dist.runtime import load_export
+    from pagoda_dist.stages import network_from_export
+
+    cfg = _run_config(args)
+    with local_storage(cfg):
+        net = network_from_export(load_export(args.export)) if args.export else load_network(cfg, args.stage)
+    g = torch.Generator().manual_seed(args.seed)
+    m = cfg.model
+    noise = torch.randn(args.n, m.in_channels, m.resolution, m.resolution, generator=g)
+    if m.num_classes:
+        labels = torch.full((args.n,), args.label) if args.label is not None else torch.arange(args.n) % m.num_classes
+        cond = Condition(class_labels=labels)
+    elif m.text_dim:
+        raise ConfigError("sampling a text-conditioned model needs prompts embedded by the precompute text tower; "
+                          "use `pagoda evaluate`, which takes the held-out captions' embeddings")
+    else:
+        cond = Condition()
+    stage = "teacher" if args.stage == "teacher" and not args.export else "generator"
+    images = generate(cfg, stage, net.eval(), noise, cond)
+    save_grid(images, args.out)
+    print(f"[pagoda] {args.n} samples of {args.stage} ({images.shape[-1]}px) -> {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagoda", description="PaGoDA distributed training")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -103,6 +172,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("precompute", help="DDIM-inversion latent pairs (and text embeddings) with a Ray actor pool")
     _add_config_args(p)
     p.set_defaults(func=cmd_precompute)
+
+    for name, func, text in (("evaluate", cmd_evaluate, "SWD and FID-EffNetLite0 of every stage -> metrics.json"),
+                             ("report", cmd_report, "one HTML page: timings, compute ledger, metrics, grids"),
+                             ("sample", cmd_sample, "one-step (or teacher) samples as a PNG grid")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("run", help="the run's YAML config or its run URL (ROOT/runs/NAME)")
+        p.add_argument("overrides", nargs="*")
+        p.set_defaults(func=func)
+        if name == "report":
+            p.add_argument("--out", default=None, help="local folder for the page (default work/reports/NAME)")
+        if name == "sample":
+            p.add_argument("--stage", default="distill", help="teacher, distill or grow-RES")
+            p.add_argument("--export", default=None, help="an export.pt file/URL to sample instead of the run's")
+            p.add_argument("--n", type=int, default=64, help="number of samples")
+            p.add_argument("--label", type=int, default=None, help="class id (default: all classes in turn)")
+            p.add_argument("--seed", type=int, default=0)
+            p.add_argument("--out", default="samples.png", help="PNG file to write")
 
     from pagoda_dist.launch.cli import register
 

@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pagoda_dist import storage
 from pagoda_dist.config import Config, ConfigError, to_dict
+from pagoda_dist.models.conditioning import Condition
 from pagoda_dist.runtime.source import BatchSource, DataRequest
 from pagoda_dist.stages import Stage, build_distill, build_grow, build_teacher, grow_stage_name
 
@@ -51,9 +54,28 @@ class ReaderSource:
                                  world_size=request.world_size)
         if request.state is not None:
             self.reader.load_state_dict(request.state)
+        self.text = None
+        if cfg.model.text_dim and not request.inputs.needs_latents:
+            # Image shards carry captions only; the teacher needs their embeddings, from the same text tower
+            # (and float16 rounding) that precompute uses, so training and inversion see the same condition.
+            from pagoda_dist.models.text_encoder import TextEncoder
+
+            pre = cfg.precompute
+            self.text = TextEncoder(pre.clip_model, pre.clip_weights, random_init=pre.clip_random_init)
 
     def __iter__(self) -> Iterator:
-        return iter(self.reader)
+        for batch in self.reader:
+            if self.text is not None:
+                batch.condition = self._embed(batch.captions)
+            yield batch
+
+    def _embed(self, captions: list[str] | None) -> Condition:
+        if not captions:
+            raise ValueError(f"model.text_dim={self.text.dim} needs captions, but {self.reader.url} has none")
+        with torch.no_grad():
+            emb = self.text(captions)
+        return Condition(text_pooled=emb.pooled.half().float(), text_tokens=emb.tokens.half().float(),
+                         text_mask=emb.mask)
 
     def state(self) -> dict[str, Any]:
         return self.reader.state_dict()
@@ -242,8 +264,12 @@ def local_ray(cfg: Config) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- the driver
-def run_pipeline(cfg: Config, *, only: list[str] | None = None) -> list[StepRecord]:
-    """Walks the chain, skipping committed steps; `only` restricts it to the named steps (e.g. ["teacher"])."""
+def run_pipeline(cfg: Config, *, only: list[str] | None = None, report_dir: Path | None = None) -> list[StepRecord]:
+    """Walks the chain, skipping committed steps; `only` restricts it to the named steps (e.g. ["teacher"]).
+
+    A complete run ends with its report, written beside the run and into `report_dir` (default
+    work/reports/NAME), which holds the sample grids too.
+    """
     records: list[StepRecord] = []
     with local_services(cfg):
         _save_config(cfg)
@@ -260,6 +286,12 @@ def run_pipeline(cfg: Config, *, only: list[str] | None = None) -> list[StepReco
             records.append(StepRecord(step.name, "done", time.time() - start, detail))
             _append_timing(cfg, records[-1])
             print(f"[pagoda] {step.name}: done in {records[-1].seconds:.0f} s", flush=True)
+        if not only:
+            from pagoda_dist.eval.report import build_report
+
+            path = build_report(cfg, report_dir or Path("work") / "reports" / cfg.run.name)
+            print(f"[pagoda] report and sample grids: {path.parent}/ (report.html); "
+                  f"checkpoints and grids per stage under {cfg.run_url}/", flush=True)
     return records
 
 

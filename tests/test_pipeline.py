@@ -20,7 +20,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 MINI = [
     "data.source=builtin:fashion-mnist", "data.limit=240", "data.shard_size=64", "data.loader_workers=0",
     "model.channels=16", "model.channel_mult=[1,2]", "model.attn_resolutions=[]", "model.num_classes=10",
-    "teacher.train.batch_size=16", "teacher.train.total_kimg=0.064", "teacher.sampler.steps=4",
+    "teacher.train.batch_size=16", "teacher.train.total_kimg=0.384", "teacher.sampler.steps=4",
     "precompute.steps=4", "precompute.batch_size=32", "precompute.psnr_samples=4", "precompute.max_actors=2",
     "precompute.cpus_per_actor=0.5",
     "distill.train.batch_size=16", "distill.train.total_kimg=0.032",
@@ -29,7 +29,7 @@ MINI = [
     "grow.adversarial.discriminator.channels=16", "grow.adversarial.discriminator.num_scales=1",
     "runtime.num_workers=2", "runtime.cpus_per_worker=0.5", "runtime.zero_stage=2",
     "logging.log_every_kimg=0.016", "logging.sample_every_kimg=0.032", "logging.checkpoint_every_kimg=0.032",
-    "logging.grid_size=4", "logging.wandb_mode=disabled", "eval.num_images=32",
+    "logging.grid_size=4", "logging.wandb_mode=disabled", "eval.num_images=16",
     "storage.embedded_s3=false",
 ]
 

@@ -8,7 +8,6 @@ is committed. Nothing runs on an actor before validation has passed.
 from __future__ import annotations
 
 import os
-import sys
 import time
 from typing import Any
 
@@ -19,7 +18,7 @@ from pagoda_dist.config import Config
 from pagoda_dist.data.manifest import Manifest, ManifestError, commit_manifest, read_manifest
 from pagoda_dist.data.shards import ShardInfo
 
-from pagoda_dist.runtime.trainer import _worker_env as worker_env  # same worker environment as training
+from pagoda_dist.runtime.trainer import worker_env  # the same worker environment as training
 
 from .job import PrecomputeJob, ShardTask, TextSpec, make_settings, make_tasks, torch_threads
 from .pool import ActorPool, PoolOutcome, PoolSpec
@@ -174,7 +173,8 @@ def _check_cluster(cfg: Config) -> None:
 
 # ----------------------------------------------------------------------------------------------------- run
 def run_precompute(cfg: Config, *, progress: bool = True, crash_once_marker: str | None = None) -> PrecomputeReport:
-    """Produces the latent-pair set at `cfg.pairs_url` (see the module docstring) and returns its report.
+    """Produces the latent-pair set at `cfg.pairs_url` (see the module docstring) and returns its report; the
+    caller prints `report.summary()` (counts, PSNR of the round trip, failures). `progress`: a tqdm bar.
 
     Raises PrecomputeError before any work when the run cannot start, and PrecomputeFailed (carrying the
     report, naming the failed shards) when shards still fail after `precompute.max_retries` retries.
@@ -193,10 +193,7 @@ def run_precompute(cfg: Config, *, progress: bool = True, crash_once_marker: str
             changed = sorted(k for k in job.settings if done.settings.get(k) != job.settings[k])
             raise PrecomputeError(f"{pairs_url} already holds a latent-pair set made with other settings "
                                   f"({', '.join(changed)}); set precompute.output to a new URL or delete it")
-        report = _reused_report(pairs_url, done, started)
-        if progress:
-            print(report.summary(), file=sys.stderr)
-        return report
+        return _reused_report(pairs_url, done, started)
 
     tasks = make_tasks(inputs, cfg.shards_url, pairs_url)
     existing = _existing_shards(pairs_url, job, tasks)
@@ -211,8 +208,6 @@ def run_precompute(cfg: Config, *, progress: bool = True, crash_once_marker: str
         raise PrecomputeFailed(report)
     _commit_set(pairs_url, job, inputs, tasks, results, report)
     report.committed = True
-    if progress:
-        print(report.summary(), file=sys.stderr)
     return report
 
 

@@ -84,7 +84,7 @@ def default_local_dir(cfg: Config) -> Path:
     return Path("work", "runs", cfg.run.name).absolute()
 
 
-def _worker_env(cfg: Config) -> WorkerEnv:
+def worker_env(cfg: Config) -> WorkerEnv:
     plain = {name: os.environ[name] for name in PLAIN_ENV if os.environ.get(name)}
     plain.update(storage.env_for_workers())
     if not cfg.runtime.use_gpu:
@@ -139,7 +139,7 @@ def train_stage(cfg: Config, stage_factory: Callable[[Config], Stage], data_fact
     run_url = _absolute(cfg.run_url)
     check_resumable(cfg, stage_name, run_url)
     local = Path(local_dir).absolute() if local_dir is not None else default_local_dir(cfg)
-    job = WorkerJob(cfg, stage_name, stage_factory, data_factory, run_url, str(local), _worker_env(cfg))
+    job = WorkerJob(cfg, stage_name, stage_factory, data_factory, run_url, str(local), worker_env(cfg))
 
     _ensure_ray(cfg)
     from ray.train import FailureConfig, RunConfig, ScalingConfig

@@ -1,0 +1,167 @@
+"""`pagoda report`: one self-contained HTML page per run, plus the same data as JSON.
+
+Stage wall times and images seen, the compute ledger (training FLOPs per stage, and what training the teacher at
+the base resolution saved against the same teacher at the final resolution), the evaluation metrics with their
+floors and baselines, and the sample grids inlined.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pagoda_dist import storage
+from pagoda_dist.config import Config
+from pagoda_dist.data.manifest import read_manifest
+from pagoda_dist.eval.evaluate import stage_names, stage_resolution
+from pagoda_dist.eval.flops import forward_flops_per_image, training_flops_per_image
+from pagoda_dist.models.conditioning import Condition
+from pagoda_dist.models.discriminator import Discriminator
+from pagoda_dist.models.generator import OneStepGenerator
+from pagoda_dist.models.unet import UNet
+
+
+def _condition(cfg: Config, n: int) -> Condition:
+    if cfg.model.num_classes:
+        return Condition(class_labels=torch.zeros(n, dtype=torch.long))
+    if cfg.model.text_dim:
+        return Condition(text_pooled=torch.zeros(n, cfg.model.text_dim))
+    return Condition()
+
+
+def _unet_flops(cfg: Config, resolution: int, training: bool) -> float:
+    net = UNet(dataclasses.replace(cfg.model, resolution=resolution))
+    count = training_flops_per_image if training else forward_flops_per_image
+    return count(net, (cfg.model.in_channels, resolution, resolution),
+                 lambda m, x: m(x, torch.zeros(len(x)), _condition(cfg, len(x))))
+
+
+def _adversarial_flops(cfg: Config, resolution: int) -> float:
+    """Per training image: G forward+backward on the latent and on fresh noise, D forward+backward three times
+    (real and fake in its own step, fake in the generator's)."""
+    growth = [cfg.model.resolution * 2 ** (k + 1) for k in range(len(cfg.grow.resolutions))]
+    growth = [r for r in growth if r <= resolution]
+    g = OneStepGenerator(cfg.model, growth_resolutions=growth, trainable_decoder_blocks=cfg.grow.trainable_decoder_blocks)
+    g.requires_grad_(True)  # count the full backward through the frozen base too (it is computed for the input)
+    adv = cfg.grow.adversarial if growth else cfg.distill.adversarial
+    d = Discriminator(adv.discriminator, resolution, in_channels=cfg.model.in_channels,
+                      num_classes=cfg.model.num_classes, text_dim=cfg.model.text_dim)
+    c, base = cfg.model.in_channels, cfg.model.resolution
+    g_flops = training_flops_per_image(g, (c, base, base), lambda m, x: m(x, _condition(cfg, len(x))))
+    d_flops = training_flops_per_image(d, (c, resolution, resolution),
+                                       lambda m, x: torch.stack(m(x, _condition(cfg, len(x)))).sum(0))
+    return 2 * g_flops + 3 * d_flops
+
+
+def compute_ledger(cfg: Config, images_seen: dict[str, int]) -> dict[str, Any]:
+    """Training FLOPs per stage, and the teacher's saving from training at the base resolution."""
+    base = cfg.model.resolution
+    final = cfg.grow.resolutions[-1] if cfg.grow.resolutions else base
+    rows: dict[str, Any] = {}
+    for stage in stage_names(cfg):
+        res = stage_resolution(cfg, stage)
+        per_image = _unet_flops(cfg, base, True) if stage == "teacher" else _adversarial_flops(cfg, res)
+        rows[stage] = {"resolution": res, "flops_per_image": per_image, "images": images_seen.get(stage, 0),
+                       "flops": per_image * images_seen.get(stage, 0)}
+    pre = cfg.precompute
+    nfe = 2 * (pre.steps - 1) if pre.solver == "heun" else pre.steps - 1  # network evaluations per inversion
+    inverted = images_seen.get("precompute", 0)
+    rows["precompute"] = {"resolution": base, "nfe_per_image": nfe, "images": inverted,
+                          "flops_per_image": nfe * _unet_flops(cfg, base, False)}
+    rows["precompute"]["flops"] = rows["precompute"]["flops_per_image"] * inverted
+    teacher_full = _unet_flops(cfg, final, True)
+    saving = {"teacher_flops_per_image_at_base": rows["teacher"]["flops_per_image"],
+              "teacher_flops_per_image_at_final": teacher_full, "final_resolution": final,
+              "ratio": teacher_full / rows["teacher"]["flops_per_image"]}
+    return {"stages": rows, "teacher_saving": saving}
+
+
+def _images_seen(cfg: Config) -> dict[str, int]:
+    from pagoda_dist.runtime import CheckpointStore
+
+    seen = {}
+    for stage in stage_names(cfg):
+        latest = CheckpointStore(cfg.run_url, stage).latest_committed()
+        seen[stage] = latest.nimg if latest else 0
+    if storage.is_committed(cfg.pairs_url):
+        manifest = read_manifest(cfg.pairs_url)
+        seen["precompute"] = sum(manifest.count(split) for split in manifest.splits)
+    return seen
+
+
+def _read_json(url: str) -> dict[str, Any]:
+    return json.loads(storage.read_bytes(url)) if storage.exists(url) else {}
+
+
+def build_report(cfg: Config, out_dir: Path) -> Path:
+    """Writes report.html and report.json into `out_dir` and beside the run; returns the local HTML path."""
+    timings = _read_json(storage.join(cfg.run_url, "timings.json"))
+    metrics = _read_json(storage.join(cfg.run_url, "eval", "metrics.json"))
+    ledger = compute_ledger(cfg, _images_seen(cfg))
+    grids = {}
+    for name in ["real", *stage_names(cfg)]:
+        url = storage.join(cfg.run_url, "eval", f"{name}.png")
+        if storage.exists(url):
+            grids[name] = storage.read_bytes(url)
+    data = {"run": cfg.run.name, "run_url": cfg.run_url, "timings_s": timings, "ledger": ledger, "metrics": metrics}
+    page = _html(cfg, data, grids)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.html").write_text(page)
+    (out_dir / "report.json").write_text(json.dumps(data, indent=1))
+    for name, png in grids.items():
+        (out_dir / f"{name}.png").write_bytes(png)
+    storage.write_bytes(storage.join(cfg.run_url, "report.html"), page.encode())
+    storage.write_bytes(storage.join(cfg.run_url, "report.json"), json.dumps(data, indent=1).encode())
+    return out_dir / "report.html"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(v))}</td>" for v in row) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) >= 1e4 or (value and abs(value) < 0.01) else f"{value:.2f}"
+    return str(value)
+
+
+def _html(cfg: Config, data: dict[str, Any], grids: dict[str, bytes]) -> str:
+    ledger, metrics, timings = data["ledger"], data["metrics"], data["timings_s"]
+    stage_rows = [[name, row["resolution"], row["images"], timings.get(name, 0.0), row["flops_per_image"],
+                   row["flops"] / 1e12] for name, row in ledger["stages"].items()]
+    saving = ledger["teacher_saving"]
+    parts = [f"<h1>PaGoDA run {html.escape(cfg.run.name)}</h1><p>{html.escape(data['run_url'])}</p>",
+             "<h2>Stages and compute</h2>",
+             _table(["stage", "px", "images", "wall s", "FLOPs / image", "TFLOPs"], stage_rows),
+             f"<p>Teacher training FLOPs per image: {saving['teacher_flops_per_image_at_base']:.3g} at "
+             f"{cfg.model.resolution}px vs {saving['teacher_flops_per_image_at_final']:.3g} for the same network at "
+             f"{saving['final_resolution']}px: <b>{saving['ratio']:.1f}x</b> less compute per image.</p>"]
+    if metrics:
+        parts.append(f"<h2>Quality ({metrics['num_images']} generated vs {metrics['num_images']} held-out real "
+                     "images; SWD x1e3 per level, FID-EffNetLite0)</h2>")
+        rows = []
+        for res, floor in metrics["floor"].items():
+            rows.append([f"real vs real ({res}px)", *[f"{k} {v:.1f}" for k, v in floor.items()]])
+        for stage, entry in metrics["stages"].items():
+            rows.append([stage, *[f"{k} {v:.1f}" for k, v in entry["metrics"].items()]])
+            if "bicubic_from_below" in entry:
+                rows.append([f"bicubic to {entry['resolution']}px",
+                             *[f"{k} {v:.1f}" for k, v in entry["bicubic_from_below"].items()]])
+        parts.append(_table(["set", "metrics"], [[r[0], "; ".join(r[1:])] for r in rows]))
+    if grids:
+        parts.append("<h2>Samples</h2>")
+        for name, png in grids.items():
+            src = "data:image/png;base64," + base64.b64encode(png).decode()
+            parts.append(f"<figure><img src='{src}' style='image-rendering:pixelated;width:384px'>"
+                         f"<figcaption>{html.escape(name)}</figcaption></figure>")
+    style = ("<style>body{font-family:sans-serif;max-width:60em;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:0.2em 0.5em}figure{display:inline-block}</style>")
+    return f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(cfg.run.name)}</title>{style}" \
+           f"</head><body>{''.join(parts)}</body></html>"
