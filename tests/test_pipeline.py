@@ -71,8 +71,9 @@ def test_pipeline_end_to_end_resumes_after_kill(s3_env: str, tmp_path) -> None:
         steps = storage.committed_children(storage.join(cfg.run_url, stage))
         assert steps, f"{stage} has no committed checkpoint"
         assert storage.exists(storage.join(steps[-1], "export.pt"))
-        assert storage.glob(storage.join(steps[-1], "*.png")), f"{stage} wrote no sample grid"
+        assert storage.glob(storage.join(cfg.run_url, stage, "samples", "*.png")), f"{stage} wrote no sample grid"
     assert storage.exists(storage.join(cfg.run_url, "eval", "metrics.json"))
+    assert storage.exists(storage.join(cfg.run_url, "report.html"))
 
     # 3. A third run finds everything committed and does nothing.
     assert all(step.is_done() for step in plan(cfg))
