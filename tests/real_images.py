@@ -10,9 +10,13 @@ from pagoda_dist.data.builtin import build
 
 def real_images(name: str, count: int, resolution: int, *, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """(images in [-1, 1], shape (N, 3, r, r); class labels or -1) of the builtin dataset `name`."""
-    source = build(name, resolution=max(resolution, 32), val_fraction=0.2, seed=0, limit=None if split == "val"
-                   else 4 * count)
-    items = [item for item in source.items if (item.split or "train") == split or name == "photo-tiles"][:count]
+    # Fashion-MNIST's official split, or photo tiles split by source photo (val_fraction 0.2): held-out images
+    # never share a photo with training ones.
+    source = build(name, resolution=max(resolution, 32), val_fraction=0.2, seed=0,
+                   limit=None if split == "val" or name == "photo-tiles" else 4 * count)
+    items = [item for item in source.items if item.split == split][:count]
+    if len(items) < count:
+        raise ValueError(f"{name} has only {len(items)} '{split}' images at {resolution}px; {count} were asked for")
     pixels = np.stack([np.broadcast_to(i.pixels[..., None], (*i.pixels.shape, 3)) if i.pixels.ndim == 2
                        else i.pixels for i in items])
     x = torch.from_numpy(pixels.copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
