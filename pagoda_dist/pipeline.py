@@ -246,17 +246,12 @@ def _embedded_s3(cfg: Config) -> Iterator[None]:
 def local_ray(cfg: Config) -> Iterator[None]:
     import ray
 
-    if ray.is_initialized():
+    from pagoda_dist.ray_session import ensure_ray
+
+    started = ensure_ray(cfg, cfg.runtime.num_workers * cfg.runtime.cpus_per_worker + cfg.precompute.cpus_per_actor)
+    if not started:
         yield
         return
-    if cfg.runtime.ray_address:
-        ray.init(address=cfg.runtime.ray_address, logging_level="WARNING")
-    else:
-        import os
-
-        needed = cfg.runtime.num_workers * cfg.runtime.cpus_per_worker + cfg.precompute.cpus_per_actor
-        ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False,
-                 object_store_memory=256 * 2**20, logging_level="WARNING")
     try:
         yield
     finally:

@@ -98,7 +98,7 @@ def no_actors(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("validation should have failed before any actor started")
     monkeypatch.setattr(run_module, "_run_pool", refuse)
-    monkeypatch.setattr(run_module, "_ensure_ray", refuse)
+    monkeypatch.setattr(run_module, "ensure_ray", refuse)
 
 
 # ------------------------------------------------------------------------------------------- text encoder

@@ -18,6 +18,7 @@ from pagoda_dist.config import Config
 from pagoda_dist.data.manifest import Manifest, ManifestError, commit_manifest, read_manifest
 from pagoda_dist.data.shards import ShardInfo
 
+from pagoda_dist.ray_session import ensure_ray
 from pagoda_dist.runtime.trainer import worker_env  # the same worker environment as training
 
 from .job import PrecomputeJob, ShardTask, TextSpec, make_settings, make_tasks, torch_threads
@@ -26,7 +27,6 @@ from .report import PrecomputeError, PrecomputeFailed, PrecomputeReport, Quality
 from .teacher import TeacherError, TeacherRef, resolve_teacher
 from .worker import ShardResult
 
-LOCAL_OBJECT_STORE_BYTES = 256 * 1024**2  # tasks and results are small; Ray's default takes ~30% of RAM
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -143,20 +143,6 @@ def _reused_report(pairs_url: str, manifest: Manifest, started: float) -> Precom
 
 
 # ----------------------------------------------------------------------------------------------------- Ray
-def _ensure_ray(cfg: Config) -> bool:
-    """Connects to the configured cluster, or starts a local Ray; True when this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if cfg.runtime.ray_address:
-        ray.init(address=cfg.runtime.ray_address, logging_level="WARNING")
-    else:
-        ray.init(num_cpus=os.cpu_count() or 1, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                 include_dashboard=False, logging_level="WARNING")
-    return True
-
-
 def _check_cluster(cfg: Config) -> None:
     import ray
 
@@ -215,7 +201,7 @@ def _run_pool(cfg: Config, job: PrecomputeJob, todo: list[ShardTask], progress: 
               crash_once_marker: str | None) -> PoolOutcome:
     import ray
 
-    started_ray = _ensure_ray(cfg)
+    started_ray = ensure_ray(cfg)
     try:
         _check_cluster(cfg)
         pre = cfg.precompute

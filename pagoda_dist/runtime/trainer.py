@@ -16,6 +16,7 @@ from typing import Any
 
 from pagoda_dist import storage
 from pagoda_dist.config import Config, ConfigError, TrainConfig
+from pagoda_dist.ray_session import ensure_ray
 from pagoda_dist.stages.base import Stage
 
 from .checkpoint import CheckpointMismatch, CheckpointStore
@@ -26,7 +27,6 @@ from .worker import WorkerEnv, WorkerJob, ray_train_loop, train_config_for
 # so a remote cluster sees the same identity as the driver. Values are masked in every repr.
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "WANDB_API_KEY")
 PLAIN_ENV = ("TORCH_EXTENSIONS_DIR", "AWS_CA_BUNDLE")
-LOCAL_RAY_OBJECT_STORE_BYTES = 256 * 2**20  # the training loop passes little through Ray's object store
 
 
 @dataclass
@@ -110,19 +110,6 @@ def check_resumable(cfg: Config, stage_name: str, run_url: str) -> None:
                 f"{saved.get(key)!r} to resume, or start a new run (another run.name).")
 
 
-def _ensure_ray(cfg: Config) -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    if cfg.runtime.ray_address:
-        ray.init(address=cfg.runtime.ray_address, logging_level="WARNING")
-        return
-    needed = cfg.runtime.num_workers * cfg.runtime.cpus_per_worker
-    ray.init(num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)), include_dashboard=False,
-             object_store_memory=LOCAL_RAY_OBJECT_STORE_BYTES, logging_level="WARNING")
-
-
 def train_stage(cfg: Config, stage_factory: Callable[[Config], Stage], data_factory: DataFactory, *,
                 stage_name: str, local_dir: str | Path | None = None) -> TrainResult:
     """Trains (or resumes) stage `stage_name` of run `cfg` on `cfg.runtime.num_workers` Ray Train workers.
@@ -141,7 +128,7 @@ def train_stage(cfg: Config, stage_factory: Callable[[Config], Stage], data_fact
     local = Path(local_dir).absolute() if local_dir is not None else default_local_dir(cfg)
     job = WorkerJob(cfg, stage_name, stage_factory, data_factory, run_url, str(local), worker_env(cfg))
 
-    _ensure_ray(cfg)
+    ensure_ray(cfg, cfg.runtime.num_workers * cfg.runtime.cpus_per_worker)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
