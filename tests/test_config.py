@@ -46,6 +46,12 @@ def test_overrides_are_typed_and_applied(tmp_path: Path) -> None:
     ({"model": {"text_dim": 512}}, "precompute.clip_weights", "local path"),
     ({"storage": {"aws_secret_access_key": "x"}}, "storage.aws_secret_access_key", "secrets never go in a config"),
     ({"logging": {"keep_checkpoints": 1}}, "logging.keep_checkpoints", ">= 2"),
+    ({"distill": {"adversarial": {"rec_loss": "feature"}}}, "distill.adversarial.rec_loss", "backbone"),
+    ({"grow": {"resolutions": [32, 64], "batch_sizes": [64]}, "data": {"resolution": 64}}, "grow.batch_sizes",
+     "one batch size per grow.resolutions entry"),
+    ({"grow": {"resolutions": [32, 64], "batch_sizes": [64, 90]}, "data": {"resolution": 64},
+      "runtime": {"num_workers": 4}, "teacher": {"train": {"batch_size": 64}},
+      "distill": {"train": {"batch_size": 64}}}, "grow.batch_sizes[1]", "not divisible"),
 ])
 def test_bad_values_name_key_and_file(tmp_path: Path, data: dict, key: str, words: str) -> None:
     path = write(tmp_path, data)
@@ -98,3 +104,32 @@ def test_reference_lists_every_leaf_with_help() -> None:
     assert {"model.channels", "runtime.zero_stage", "distill.adversarial.discriminator.optimizer.lr"} <= keys
     assert all(help_text for _, _, help_text in rows)
     assert "secret" not in to_yaml(Config()).lower()
+
+
+def test_growth_stages_take_their_own_batch_sizes(tmp_path: Path) -> None:
+    cfg = load_config(CONFIGS[0].parent / "imagenet-512.yaml")
+    assert [cfg.train_config(f"grow-{r}").batch_size for r in (128, 256, 512)] == [256, 360, 512]
+    assert cfg.train_config("grow-256").optimizer == cfg.grow.train.optimizer  # only the batch differs
+    with pytest.raises(ConfigError, match="grow-1024"):
+        cfg.train_config("grow-1024")
+
+
+@pytest.mark.parametrize("name", ["imagenet-512.yaml", "t2i-512.yaml"])
+def test_paper_scale_configs_dry_run(name: str, capsys: pytest.CaptureFixture) -> None:
+    """The paper-scale configs lay themselves out on this CPU (meta-device networks): the teacher is EDM's ADM
+    ImageNet-64 UNet (296M parameters in EDM's table), every batch splits evenly over the ranks, and training it at
+    64 px instead of 512 px saves the pixel ratio's worth of FLOPs (64x pixels; attention kept at the same
+    resolutions makes it a little less)."""
+    assert main(["run", str(CONFIGS[0].parent / name), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    table = [line.split() for line in out.splitlines() if line.startswith("  ")]
+    rows = {parts[0]: parts for parts in table if len(parts) == 10 and parts[1].isdigit()}
+    teacher_params = float(rows["teacher"][6].rstrip("M"))
+    if name == "imagenet-512.yaml":
+        assert 295.0 <= teacher_params <= 297.0, rows["teacher"]
+    assert [rows[s][3:5] for s in ("teacher", "distill", "grow-128", "grow-256", "grow-512")] == \
+        [["4096", "64"], ["96", "12"], ["256", "32"], ["360", "45"], ["512", "64"]]
+    trainable = [float(rows[s][7].rstrip("M")) for s in ("grow-128", "grow-512")]
+    assert all(t < 0.15 * teacher_params for t in trainable)  # growth trains a small part: the base is frozen
+    ratio = float(out.split("saved by")[0].rsplit(":", 1)[1].strip().rstrip("x"))
+    assert 45 < ratio < 64

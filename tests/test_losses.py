@@ -51,7 +51,7 @@ def test_feature_distance_and_factory() -> None:
     assert reconstruction_distance("pixel") is pixel_l2
     assert reconstruction_distance("multiscale") is multiscale_l1_l2
     assert isinstance(reconstruction_distance("feature", lambda t: [t]), FeatureDistance)
-    with pytest.raises(ValueError, match="backbone_weights"):
+    with pytest.raises(ValueError, match="discriminator.backbone"):
         reconstruction_distance("feature")
     with pytest.raises(ValueError, match="expected 'pixel'"):
         reconstruction_distance("lpips")

@@ -3,6 +3,7 @@ actors, real Fashion-MNIST images. A few steps per stage; what is checked is tha
 committed, that a killed driver resumes with the same command, and that config errors stop everything early."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -86,3 +87,25 @@ def test_config_error_stops_before_anything_starts(tmp_path) -> None:
     assert result.returncode == 2
     assert "teacher.train.batch_size" in result.stderr and "not divisible" in result.stderr
     assert not root.exists()
+
+
+def test_text_to_image_chain_scores_clip(tmp_path) -> None:
+    """configs/tiny-text.yaml in miniature on local files: captions -> CLIP text embeddings -> a text-conditioned
+    teacher, inversion pairs carrying the embeddings, a one-step student, and CLIP score in the evaluation."""
+    text = ["model.num_classes=0", "model.text_dim=64", "grow.resolutions=[]", "runtime.num_workers=1",
+            "runtime.cpus_per_worker=1", "precompute.max_actors=1", "precompute.cpus_per_actor=1",
+            "eval.clip_model=pagoda-tiny-text", "eval.clip_random_init=true"]
+    cfg = load_config("configs/tiny-text.yaml", [*MINI, *text, f"run.root={tmp_path / 'root'}", "run.name=text"])
+    records = run_pipeline(cfg, report_dir=tmp_path / "report")
+    assert [r.status for r in records] == ["done"] * 5, records
+
+    from pagoda_dist.runtime import load_export
+
+    teacher = load_export(storage.join(storage.committed_children(storage.join(cfg.run_url, "teacher"))[-1],
+                                       "export.pt"))
+    assert teacher["architecture"]["model"]["text_dim"] == 64 and teacher["architecture"]["model"]["num_classes"] == 0
+    metrics = json.loads(storage.read_bytes(storage.join(cfg.run_url, "eval", "metrics.json")))
+    for stage in ("teacher", "distill"):
+        score = metrics["stages"][stage]["metrics"]["CLIP score"]
+        assert 0.0 <= score <= 100.0, (stage, score)
+    assert "CLIP score" in metrics["floor"]["16"]

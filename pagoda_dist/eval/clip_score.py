@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.text_encoder import known_archs
 from .images import ImageBatch, to_rgb, to_unit_range
 
 Tokenizer = Callable[[Sequence[str]], torch.Tensor]
@@ -38,8 +39,8 @@ def load_clip(arch: str = "ViT-B-32", weights_path: str | Path | None = None, ra
             raise FileNotFoundError(f"open_clip weights file {weights_path} does not exist (eval.clip_weights); "
                                     "weights are never downloaded")
         pretrained = str(weights_path)
-    if arch not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip architecture {arch!r}; see open_clip.list_models()")
+    if arch not in known_archs():
+        raise ValueError(f"unknown open_clip architecture {arch!r}; one of {', '.join(known_archs())}")
     model = open_clip.create_model(arch, pretrained=pretrained, device=device)
     model.requires_grad_(False)
     return model.eval(), open_clip.get_tokenizer(arch)

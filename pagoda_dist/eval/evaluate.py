@@ -4,8 +4,10 @@ For each stage: SWD per Laplacian level and FID-EffNetLite0 of N generated image
 teacher with its PF-ODE sampler, the generators in one step), next to the real-vs-real floor (two disjoint real
 sets) and, for each grown stage, the bicubic-upsampled output of the stage below from the same noise: growing has
 to add real detail at the fine levels, not just resample. Conditions (class labels or text embeddings) are those
-of the held-out images, so the generated set follows the real one's class balance. Results go to
-RUN/eval/metrics.json (written last), sample grids to RUN/eval/*.png.
+of the held-out images, so the generated set follows the real one's class balance. Standard FID joins when
+`eval.inception_weights` names a local Inception file, and CLIP score (generated image vs the caption it was
+conditioned on; the real images' own score beside it) for text-to-image runs with `eval.clip_weights`. Results go
+to RUN/eval/metrics.json (written last), sample grids to RUN/eval/*.png.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ from torch import Tensor
 from pagoda_dist import storage
 from pagoda_dist.config import Config
 from pagoda_dist.data.tensors import downsample
+from pagoda_dist.eval.clip_score import clip_score, load_clip
+from pagoda_dist.eval.fid import FeatureStats, frechet_distance, inception_features
 from pagoda_dist.eval.grid import save_grid
 from pagoda_dist.eval.metrics import image_metrics
 from pagoda_dist.models.conditioning import Condition
@@ -30,11 +34,41 @@ from pagoda_dist.stages import TeacherStage, grow_stage_name, network_from_expor
 
 @dataclass
 class HeldOut:
-    """Two disjoint real sets at the full resolution and the conditions of the first (the generated set's)."""
+    """Two disjoint real sets at the full resolution and the conditions (and captions) of the first, which the
+    generated set reuses."""
 
     real: Tensor
     real_floor: Tensor
     condition: Condition
+    captions: list[str] | None = None
+
+
+class Scorer:
+    """Every metric the config asks for, with its networks loaded once: SWD per level and FID-EffNetLite0 always,
+    standard FID with local Inception weights, CLIP score for text-to-image with local (or explicitly random) CLIP."""
+
+    def __init__(self, cfg: Config) -> None:
+        e = cfg.eval
+        self.seed = cfg.run.seed
+        self.effnet = load_efficientnet_lite0(e.effnet_weights)
+        self.inception = None
+        if e.inception_weights:
+            from pagoda_dist.eval.inception import load_fid_inception
+
+            self.inception = load_fid_inception(e.inception_weights)
+        self.clip = None
+        if cfg.model.text_dim and (e.clip_weights or e.clip_random_init):
+            self.clip = load_clip(e.clip_model, e.clip_weights, random_init=e.clip_random_init)
+
+    def __call__(self, real: Tensor, fake: Tensor, captions: list[str] | None = None) -> dict[str, float]:
+        """Metrics of `fake` against `real`; CLIP score pairs fake image i with caption i."""
+        out = image_metrics(real, fake, seed=self.seed, effnet=self.effnet)
+        if self.inception is not None:
+            stats = [FeatureStats.of(inception_features(x, self.inception)) for x in (real, fake)]
+            out["FID"] = frechet_distance(*stats)
+        if self.clip is not None and captions is not None:
+            out["CLIP score"] = clip_score(fake, captions, *self.clip)
+        return out
 
 
 def stage_names(cfg: Config) -> list[str]:
@@ -55,16 +89,17 @@ def held_out(cfg: Config, count: int) -> HeldOut:
     if 2 * count > reader.samples_per_epoch:
         raise ValueError(f"eval.num_images={count} needs {2 * count} held-out images; {cfg.pairs_url} has "
                          f"{reader.samples_per_epoch} in its 'val' split: lower eval.num_images")
-    images, conditions, have = [], [], 0
+    images, conditions, captions, have = [], [], [], 0
     for batch in reader:
         images.append(batch.image)
         conditions.append(batch.condition)
+        captions.extend(batch.captions or [])
         have += len(batch)
         if have >= 2 * count:
             break
     x = torch.cat(images)[: 2 * count]
     cond = Condition.cat(conditions)[:count] if not conditions[0].is_empty else Condition()
-    return HeldOut(x[:count], x[count:], cond)
+    return HeldOut(x[:count], x[count:], cond, captions[:count] if len(captions) >= count else None)
 
 
 def load_network(cfg: Config, stage: str) -> torch.nn.Module:
@@ -99,7 +134,7 @@ def evaluate_run(cfg: Config) -> dict[str, Any]:
     """Evaluates every committed stage of the run; writes RUN/eval/metrics.json and grids; returns the metrics."""
     n = cfg.eval.num_images
     data = held_out(cfg, n)
-    effnet = load_efficientnet_lite0(cfg.eval.effnet_weights)
+    score = Scorer(cfg)
     g = torch.Generator().manual_seed(cfg.run.seed + 1)
     channels, base = cfg.model.in_channels, cfg.model.resolution
     noise = torch.randn(n, channels, base, base, generator=g)
@@ -110,15 +145,15 @@ def evaluate_run(cfg: Config) -> dict[str, Any]:
         res = stage_resolution(cfg, stage)
         real, floor = downsample(data.real, res), downsample(data.real_floor, res)
         if res not in results["floor"]:
-            results["floor"][res] = image_metrics(real, floor, seed=cfg.run.seed, effnet=effnet)
+            # real vs real; the first set plays "generated" so that its own captions give the real CLIP score
+            results["floor"][res] = score(floor, real, data.captions)
         start = time.time()
         fake = generate(cfg, stage, load_network(cfg, stage), noise, data.condition)
         seconds = time.time() - start
         entry: dict[str, Any] = {"resolution": res, "generate_s": seconds,
-                                 "metrics": image_metrics(real, fake, seed=cfg.run.seed, effnet=effnet)}
+                                 "metrics": score(real, fake, data.captions)}
         if stage.startswith("grow-") and previous is not None:
-            entry["bicubic_from_below"] = image_metrics(real, bicubic(previous, res), seed=cfg.run.seed,
-                                                        effnet=effnet)
+            entry["bicubic_from_below"] = score(real, bicubic(previous, res), data.captions)
         results["stages"][stage] = entry
         grid = cfg.logging.grid_size ** 2
         storage.write_bytes(storage.join(eval_url, f"{stage}.png"), save_grid(fake[:grid]))

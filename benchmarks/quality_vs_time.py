@@ -1,0 +1,183 @@
+"""Quality against training time: every committed checkpoint of every stage of a run, evaluated.
+
+Runs (or resumes) `pagoda run CONFIG` with checkpoints kept at a fine interval, then scores each committed
+checkpoint against the same held-out real images and the same noise, so the curves are comparable point to point:
+
+- teacher checkpoints with the teacher's sampler (config's solver / steps / guidance), at the base resolution;
+- one-step student (distill) checkpoints at the base resolution, beside the final teacher's score: PaGoDA's
+  student learns from real data, so it should reach the teacher;
+- each grown stage's checkpoints at its resolution, beside the bicubic upsampling of the stage below (its final
+  checkpoint, same noise): growing must add detail at the finest SWD level;
+- the real-vs-real floor at every resolution.
+
+Training time per checkpoint is the stage's own wall time of training (from its telemetry), without start-up.
+Prints one table per stage and writes everything to --json.
+
+    python benchmarks/quality_vs_time.py configs/tiny.yaml distill.train.total_kimg=20 --json q.json
+    python benchmarks/quality_vs_time.py configs/tiles.yaml --every teacher=10,distill=4,grow=4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
+from pagoda_dist.config import Config, load_config  # noqa: E402
+from pagoda_dist.data.tensors import downsample  # noqa: E402
+from pagoda_dist.eval.evaluate import (HeldOut, Scorer, bicubic, generate, held_out, stage_names,  # noqa: E402
+                                       stage_resolution)
+from pagoda_dist.eval.fid import EFFNET_METRIC  # noqa: E402
+from pagoda_dist.pipeline import local_storage, run_pipeline  # noqa: E402
+from pagoda_dist.runtime import CheckpointStore, load_export  # noqa: E402
+from pagoda_dist import storage  # noqa: E402
+from pagoda_dist.stages import network_from_export  # noqa: E402
+
+
+def parse_every(text: str) -> dict[str, float]:
+    """'teacher=4,distill=2,grow=1' -> checkpoint interval (kimg) per stage kind."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        key, _, value = item.partition("=")
+        if key not in ("teacher", "distill", "grow") or not value:
+            raise SystemExit(f"--every: expected teacher=K,distill=K,grow=K, got {item!r}")
+        out[key] = float(value)
+    return out
+
+
+def training_seconds(cfg: Config, stage: str) -> dict[int, float]:
+    """Cumulative training seconds at each logged image count, from the stage's metrics.jsonl (last record wins
+    where a resumed attempt logged the same count again)."""
+    path = Path("work") / "runs" / cfg.run.name / stage / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    records = {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if "sec_per_kimg" in row:
+            records[int(row["nimg"])] = float(row["sec_per_kimg"])
+    elapsed, previous, out = 0.0, 0, {}
+    for nimg in sorted(records):
+        elapsed += records[nimg] * (nimg - previous) / 1000
+        out[nimg], previous = elapsed, nimg
+    return out
+
+
+def seconds_at(table: dict[int, float], nimg: int) -> float | None:
+    """Training seconds at `nimg` (checkpoints fall on logging boundaries; else the nearest logged count)."""
+    if not table:
+        return None
+    nearest = min(table, key=lambda n: abs(n - nimg))
+    return table[nearest]
+
+
+def evaluate_checkpoints(cfg: Config, stage: str, noise: torch.Tensor, data: HeldOut, score: Scorer,
+                         below: torch.Tensor | None) -> tuple[list[dict[str, Any]], torch.Tensor]:
+    """Scores every committed checkpoint of `stage`; returns the rows and the last checkpoint's images."""
+    res = stage_resolution(cfg, stage)
+    real = downsample(data.real, res)
+    timeline = training_seconds(cfg, stage)
+    bicubic_metrics = score(real, bicubic(below, res), data.captions) if below is not None else None
+    rows, fake = [], None
+    for ref in CheckpointStore(cfg.run_url, stage).committed():
+        url = storage.join(ref.url, "export.pt")
+        net = network_from_export(load_export(url), source=url).eval()
+        fake = generate(cfg, "teacher" if stage == "teacher" else "generator", net, noise, data.condition)
+        row = {"kimg": ref.nimg / 1000, "train_s": seconds_at(timeline, ref.nimg),
+               "metrics": score(real, fake, data.captions)}
+        if bicubic_metrics is not None:
+            row["bicubic_from_below"] = bicubic_metrics
+        rows.append(row)
+        print(f"[quality] {stage} {row['kimg']:.1f} kimg: " + line(row["metrics"]), flush=True)
+    if fake is None:
+        raise SystemExit(f"no committed checkpoint of {stage} under {cfg.run_url}")
+    return rows, fake
+
+
+def line(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f}" for k, v in metrics.items())
+
+
+def table(stage: str, res: int, rows: list[dict[str, Any]], floor: dict[str, float],
+          reference: tuple[str, dict[str, float]] | None) -> str:
+    """One stage's curve: kimg, training seconds, SWD at the finest level and on average, FID-EffNetLite0."""
+    fine = f"swd/{res}"
+    out = [f"\n{stage} ({res}px)", f"{'kimg':>7} {'train s':>8} {fine:>9} {'swd/avg':>8} {'FID-EffNetLite0':>16}"]
+    for row in rows:
+        m, t = row["metrics"], row["train_s"]
+        out.append(f"{row['kimg']:7.1f} {t if t is not None else float('nan'):8.0f} {m[fine]:9.1f} "
+                   f"{m['swd/avg']:8.1f} {m[EFFNET_METRIC]:16.1f}")
+    if reference is not None:
+        name, m = reference
+        out.append(f"{name:>16} {m[fine]:9.1f} {m['swd/avg']:8.1f} {m[EFFNET_METRIC]:16.1f}")
+    out.append(f"{'real-vs-real':>16} {floor[fine]:9.1f} {floor['swd/avg']:8.1f} {floor[EFFNET_METRIC]:16.1f}")
+    return "\n".join(out)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--every", default="teacher=4,distill=2,grow=1",
+                        help="checkpoint interval in kimg per stage kind (all checkpoints are kept)")
+    parser.add_argument("--no-train", action="store_true", help="only evaluate what the run has committed")
+    parser.add_argument("--json", default=None, help="write the curves here")
+    args = parser.parse_args()
+
+    every = parse_every(args.every)
+    cfg = load_config(args.config, args.overrides)
+    stages_of_kind = {"teacher": ["teacher"], "distill": ["distill"],
+                      "grow": [s for s in stage_names(cfg) if s.startswith("grow-")]}
+    if not args.no_train:
+        start = time.time()
+        # One run per stage kind, each with its own checkpoint interval; steps already committed are skipped.
+        for kind, interval in every.items():
+            staged = load_config(args.config, [*args.overrides, f"logging.checkpoint_every_kimg={interval}",
+                                               f"logging.log_every_kimg={interval}", "logging.keep_checkpoints=1000"])
+            inputs = {"teacher": ["prepare"], "distill": ["precompute"], "grow": []}[kind]
+            run_pipeline(staged, only=[*inputs, *stages_of_kind[kind]])
+        print(f"[quality] training done in {time.time() - start:.0f} s", flush=True)
+
+    torch.manual_seed(cfg.run.seed)
+    results: dict[str, Any] = {"config": args.config, "overrides": args.overrides, "num_images": cfg.eval.num_images,
+                               "stages": {}, "floor": {}}
+    with local_storage(cfg):
+        data = held_out(cfg, cfg.eval.num_images)
+        score = Scorer(cfg)
+        g = torch.Generator().manual_seed(cfg.run.seed + 1)
+        noise = torch.randn(cfg.eval.num_images, cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution,
+                            generator=g)
+        below = None
+        report = []
+        for stage in stage_names(cfg):
+            res = stage_resolution(cfg, stage)
+            if res not in results["floor"]:
+                results["floor"][res] = score(downsample(data.real_floor, res), downsample(data.real, res),
+                                              data.captions)
+            rows, last = evaluate_checkpoints(cfg, stage, noise, data, score,
+                                              below if res != cfg.model.resolution else None)
+            results["stages"][stage] = rows
+            reference = None
+            if stage == "distill":
+                reference = ("final teacher", results["stages"]["teacher"][-1]["metrics"])
+            elif stage.startswith("grow-"):
+                reference = ("bicubic of below", rows[-1]["bicubic_from_below"])
+            report.append(table(stage, res, rows, results["floor"][res], reference))
+            if stage != "teacher":
+                below = last
+    print("\n".join(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+        print(f"[quality] curves -> {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
