@@ -10,6 +10,7 @@ threads' time the benchmark actually got, and "img/CPU-s" (images per CPU-second
     python benchmarks/unet_throughput.py                     # CPU (and CUDA if present), 16/32/64 px, ~3 min on 2 cores
     python benchmarks/unet_throughput.py --compile           # also torch.compile'd variants
     python benchmarks/unet_throughput.py --device cuda --iters 20 --json out.json
+    python benchmarks/unet_throughput.py --device cuda --resolutions 64 --memory-formats channels_last --compile
 """
 from __future__ import annotations
 
@@ -123,7 +124,7 @@ def run(args: argparse.Namespace) -> list[Row]:
             iters = args.iters if device == "cuda" else max(2, args.iters * 16 // res)
             for compiled in ([False, True] if args.compile else [False]):
                 for precision in args.precisions:
-                    for cl in (True, False):
+                    for cl in args.memory_formats:
                         sec, params, cpu_sec, share = time_training(res, device, precision, cl, compiled, args.batch,
                                                     args.warmup, iters)
                         ips = args.batch / sec
@@ -150,6 +151,8 @@ def main() -> None:
     parser.add_argument("--device", choices=["all", "cpu", "cuda"], default="all")
     parser.add_argument("--resolutions", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
+    parser.add_argument("--memory-formats", nargs="+", choices=["channels_last", "contiguous"],
+                        default=["channels_last", "contiguous"], help="activation/weight layouts to time")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (more with --compile)")
     parser.add_argument("--iters", type=int, default=5, help="timed steps at 16 px; scaled down as 16/res on CPU")
@@ -157,6 +160,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
+    args.memory_formats = [f == "channels_last" for f in args.memory_formats]
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.compile:
