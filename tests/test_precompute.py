@@ -295,3 +295,20 @@ def test_pool_gives_up_when_actors_cannot_start(tmp_path: Path, local_ray: objec
     with pytest.raises(PoolError, match="died while starting.*gone/export.pt"):
         pool.run(make_tasks(inputs, cfg.shards_url, cfg.pairs_url))
     assert not pool.slots  # every actor it started is gone
+
+
+def test_an_imported_teacher_feeds_both_precompute_and_distill(tmp_path: Path) -> None:
+    """`commit_teacher` (importing a teacher trained elsewhere) writes the runtime's export layout: precompute loads
+    it, and the distil stage builds its generator from it with the same weights."""
+    from pagoda_dist.precompute.teacher import load_teacher
+    from pagoda_dist.runtime import load_export
+    from pagoda_dist.stages import build_distill
+
+    cfg = load_config("configs/tiny.yaml", [f"run.root={tmp_path}", "storage.embedded_s3=false"])
+    net = UNet(cfg.model)
+    ref = commit_teacher(cfg.run_url, net, nimg=64)
+    export = load_export(storage.join(ref.url, "export.pt"))
+    _, architecture = load_teacher(storage.join(ref.url, "export.pt"))
+    assert architecture == net.architecture()
+    generator = build_distill(cfg, export).generator
+    torch.testing.assert_close(generator.net.enc[0].weight, net.enc[0].weight, rtol=0, atol=0)

@@ -132,9 +132,10 @@ def commit_teacher(run_url: str, net: UNet, nimg: int = 0) -> CheckpointRef:
     arch = net.architecture()
     state = {k: v.detach().float().clone() if v.is_floating_point() else v.detach().clone()
              for k, v in net.state_dict().items()}
-    export = {"format": 1, "stage": TEACHER_STAGE, "nimg": nimg, "network": "net", "architecture": {"net": arch},
+    # the runtime's own layout (the teacher stage's architecture is the UNet's record), so distill builds from it
+    export = {"format": 1, "stage": TEACHER_STAGE, "nimg": nimg, "network": "net", "architecture": arch,
               "ema": state, "net": state}
-    meta = {"architecture": {"net": arch}, "imported": True}
+    meta = {"architecture": arch, "imported": True}
     return CheckpointStore(run_url, TEACHER_STAGE).save(SavePayload(nimg, _NoEngineState(), {}, meta, state, export))
 
 

@@ -1,9 +1,12 @@
-"""Ray Train's torch backend, plus the SIGTERM handler of `preemption` installed on every worker's main thread."""
+"""Ray Train's torch backend, plus the SIGTERM handler of `preemption` installed on every worker's main thread,
+and the relay that carries a SIGTERM received by the driver to every worker."""
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from ray.train.backend import Backend
 from ray.train.torch import TorchConfig
 
@@ -38,3 +41,22 @@ class PreemptibleTorchConfig(TorchConfig):
     @property
     def backend_cls(self) -> type[Backend]:
         return _PreemptibleBackend
+
+
+class StopRelay:
+    """Carries the driver's stop request to the workers. An asyncio actor: each worker's `wait` call simply stays
+    pending until `request` (no polling, and one idle connection per worker)."""
+
+    def __init__(self) -> None:
+        self._stop = asyncio.Event()
+
+    async def request(self) -> None:
+        self._stop.set()
+
+    async def wait(self) -> None:
+        await self._stop.wait()
+
+
+def start_stop_relay() -> Any:
+    """A fresh `StopRelay` actor (no CPU: it must start while the workers hold every CPU of the cluster)."""
+    return ray.remote(num_cpus=0)(StopRelay).remote()

@@ -1,7 +1,8 @@
 """Progress lines, throughput, MFU and wandb for the training loop (rank 0 prints and logs; all ranks reduce).
 
 Losses are summed per rank between log points and averaged over steps and ranks at each log point (one
-all-reduce per log, none per step). MFU divides the FLOPs of one counted training step by the time per step and
+all-reduce per log, none per step); each record also holds the largest rank's peak memory (RSS, and the GPU
+allocator's peak on a GPU). MFU divides the FLOPs of one counted training step by the time per step and
 the machine's measured matmul peak (`eval.flops.estimate_peak_flops`, measured on every rank at once so each
 sees its share of a shared machine). The count runs only on the first step of a fresh run and travels in the
 checkpoint: under a counting dispatch mode bf16 kernels round differently, so counting a step after a resume would
@@ -12,11 +13,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import resource
 import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from pagoda_dist.config import SECRET_WORDS
@@ -76,6 +79,8 @@ class Telemetry:
         record: dict[str, float] = {"nimg": nimg, "kimg": nimg / 1000.0, **losses,
                                     "images_per_s": images / seconds,
                                     "sec_per_kimg": seconds / max(images, 1) * 1000.0}
+        peaks = self.comm.gather(_peak_memory_mb())  # the largest rank's peak: what each worker's machine must hold
+        record.update({key: max(p[key] for p in peaks) for key in peaks[0]})
         if self.flops_per_step is not None and self.peak_flops and self._steps:
             per_rank = self.flops_per_step * self._steps / seconds
             record["tflops_per_rank"] = per_rank / 1e12
@@ -95,7 +100,7 @@ class Telemetry:
 
     def _line(self, r: dict[str, float]) -> str:
         rate = r["images_per_s"]
-        eta = datetime.timedelta(seconds=int((self.total_nimg - r["nimg"]) / rate)) if rate > 0 else "?"
+        eta = datetime.timedelta(seconds=max(0, int((self.total_nimg - r["nimg"]) / rate))) if rate > 0 else "?"
         losses = "  ".join(f"{k} {v:.4g}" for k, v in r.items() if k not in _NOT_LOSSES)
         mfu = f"  mfu {r['mfu'] * 100:.1f}%" if "mfu" in r else ""
         return (f"[{self.stage}] kimg {r['kimg']:.3f}/{self.total_nimg / 1000:.3f}  {rate:.1f} img/s  "
@@ -106,7 +111,16 @@ class Telemetry:
             self.wandb_run.finish()
 
 
-_NOT_LOSSES = {"nimg", "kimg", "images_per_s", "sec_per_kimg", "tflops_per_rank", "mfu"}
+_NOT_LOSSES = {"nimg", "kimg", "images_per_s", "sec_per_kimg", "tflops_per_rank", "mfu", "peak_rss_mb",
+               "peak_gpu_mb"}
+
+
+def _peak_memory_mb() -> dict[str, float]:
+    """This process's peak resident memory and, on a GPU, the torch allocator's peak, in MiB."""
+    out = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # Linux reports KiB
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    return out
 
 
 class _Counter:

@@ -19,6 +19,7 @@ from pagoda_dist.config import Config, ConfigError, TrainConfig
 from pagoda_dist.ray_session import ensure_ray
 from pagoda_dist.stages.base import Stage
 
+from . import preemption
 from .checkpoint import CheckpointMismatch, CheckpointStore
 from .source import DataFactory
 from .worker import WorkerEnv, WorkerJob, ray_train_loop, train_config_for
@@ -115,6 +116,8 @@ def train_stage(cfg: Config, stage_factory: Callable[[Config], Stage], data_fact
     """Trains (or resumes) stage `stage_name` of run `cfg` on `cfg.runtime.num_workers` Ray Train workers.
 
     The same call starts a run and resumes it from its latest committed checkpoint in `cfg.run_url/stage_name/`.
+    A SIGTERM to the calling process (when it calls from its main thread) or to any worker makes every rank save
+    and stop within `runtime.sigterm_grace_s`; the result then says `preempted` and the same call continues.
     `stage_factory(cfg)` builds the stage on each worker (same seed on every rank); `data_factory(cfg, request)`
     opens each rank's data stream. Both must be picklable. Uses the Ray the caller initialised, else connects to
     `cfg.runtime.ray_address`, else starts a local one (left running for later stages).
@@ -126,15 +129,17 @@ def train_stage(cfg: Config, stage_factory: Callable[[Config], Stage], data_fact
     run_url = _absolute(cfg.run_url)
     check_resumable(cfg, stage_name, run_url)
     local = Path(local_dir).absolute() if local_dir is not None else default_local_dir(cfg)
-    job = WorkerJob(cfg, stage_name, stage_factory, data_factory, run_url, str(local), worker_env(cfg))
 
     ensure_ray(cfg, cfg.runtime.num_workers * cfg.runtime.cpus_per_worker)
+    import ray
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from .ray_backend import PreemptibleTorchConfig
+    from .ray_backend import PreemptibleTorchConfig, start_stop_relay
 
     rt = cfg.runtime
+    relay = start_stop_relay()
+    job = WorkerJob(cfg, stage_name, stage_factory, data_factory, run_url, str(local), worker_env(cfg), relay)
     trainer = TorchTrainer(
         ray_train_loop,
         train_loop_config={"job": job},
@@ -147,5 +152,10 @@ def train_stage(cfg: Config, stage_factory: Callable[[Config], Stage], data_fact
                              storage_path=str(local / "ray"),
                              failure_config=FailureConfig(max_failures=rt.max_failures)),
     )
-    out = trainer.fit().return_value
+    try:
+        # A SIGTERM sent to this process alone reaches every worker as a save-and-stop request.
+        with preemption.forwarding_sigterm(lambda: ray.get(relay.request.remote()), rt.sigterm_grace_s):
+            out = trainer.fit().return_value
+    finally:
+        ray.kill(relay)
     return TrainResult(**out)

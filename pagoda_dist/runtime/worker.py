@@ -3,7 +3,7 @@
 `run_worker` is what each Ray Train worker runs (see `trainer.train_stage`). It knows nothing of the stage's
 math: it builds one DeepSpeed engine per `stage.trainable()` network, resumes from the latest committed
 checkpoint if there is one, and calls `stage.train_step` once per micro-batch until `total_kimg` is reached or a
-SIGTERM asks it to save and stop.
+SIGTERM (to this worker, or to the driver and passed on) asks it to save and stop.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from pagoda_dist import storage
-from pagoda_dist.config import Config, ConfigError, TrainConfig, to_dict
+from pagoda_dist.config import Config, TrainConfig, to_dict
 from pagoda_dist.models.conditioning import Condition
 from pagoda_dist.stages.base import Stage
 
@@ -39,13 +39,7 @@ EXPORT_FORMAT = 1
 
 def train_config_for(cfg: Config, stage_name: str) -> TrainConfig:
     """The `train` section that governs stage `stage_name` (teacher, distill, grow-RES)."""
-    if stage_name == "teacher":
-        return cfg.teacher.train
-    if stage_name == "distill":
-        return cfg.distill.train
-    if stage_name.startswith("grow"):
-        return cfg.grow.train
-    raise ConfigError(f"stage {stage_name!r}: unknown stage name; use teacher, distill or grow-RES (e.g. grow-128)")
+    return cfg.train_config(stage_name)
 
 
 @dataclass
@@ -74,15 +68,19 @@ class WorkerJob:
     run_url: str     # absolute local path or object-store URL
     local_dir: str   # absolute local folder for scratch files and wandb
     env: WorkerEnv
+    stop_relay: Any = None  # ray_backend.StopRelay handle: the driver's SIGTERM, passed on (None: not followed)
 
 
 def ray_train_loop(config: dict[str, Any]) -> dict[str, Any]:
     """The function handed to Ray Train's TorchTrainer."""
     job: WorkerJob = config["job"]
     job.env.apply()  # before deepspeed is imported: DS_ACCELERATOR picks its accelerator at import
+    import ray
     import ray.train
     import ray.train.torch
 
+    if job.stop_relay is not None:
+        preemption.follow(lambda: ray.get(job.stop_relay.wait.remote()), job.cfg.runtime.sigterm_grace_s)
     ctx = ray.train.get_context()
     return run_worker(job, ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device())
 
@@ -215,9 +213,10 @@ def run_worker(job: WorkerJob, rank: int, world_size: int, device: torch.device)
     if preempted:
         if saved is None or saved.nimg != nimg:
             saved = save()
-        preemption.stopped_cleanly()
         if rank == 0:
             print(f"[{job.stage_name}] stopped on SIGTERM after saving {saved.url}", flush=True)
+    # Saved either way (a stop request that came after the last step found the final checkpoint written).
+    preemption.stopped_cleanly()
     telemetry.finish()
     if rank == 0:
         print(f"[{job.stage_name}] {nimg} images seen; loop {time.perf_counter() - loop_start:.1f} s", flush=True)

@@ -1,0 +1,160 @@
+"""Steady-state images/s of the teacher step through Ray Train + DeepSpeed + S3 streaming vs. a bare PyTorch loop.
+
+    python benchmarks/runtime_overhead.py                    # tiny.yaml's teacher, 2 workers, ZeRO 1, 2 and 3
+    python benchmarks/runtime_overhead.py --short            # a quick look: ZeRO-2 only, fewer and shorter windows
+    python benchmarks/runtime_overhead.py --batch 64 --zero 2 model.channels=64
+
+Both sides train the same network (the teacher UNet of --config, unconditional since photo tiles carry no labels)
+with the same loss and the same per-worker batch on this machine, in one run:
+
+- bare: one process, one thread, `TeacherStage.train_step` with plain torch optimizers on real tiles held in memory;
+- runtime: `train_stage` with --workers Ray Train workers (one CPU each), one DeepSpeed engine each, the tiles
+  streamed from WebDataset shards in a fresh bucket of an embedded S3 server (decoded and downsampled on the fly),
+  EMA, telemetry; no checkpoint or sample grid inside the timed windows.
+
+Rates are medians over timing windows of --window-steps optimizer steps after --warmup-steps; the runtime's come
+from its own per-window log records. "per core" divides the runtime's rate by the workers (each holds one core),
+so the ratio runtime-per-core / bare is the overhead figure (goal >= 0.9). The bare loop runs again before each
+ZeRO stage, so drift on a shared machine hits both sides. Peak memory is the largest rank's peak RSS (and the GPU
+allocator's peak with --gpu), as logged by the runtime; the bare loop's own peak RSS is printed for reference.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def bare_rate(cfg, images, *, batch: int, warmup: int, windows: int, window_steps: int) -> float:
+    """Median images/s of a single-threaded loop: the teacher step on in-memory tensors, plain optimizers."""
+    import torch
+
+    from pagoda_dist.runtime import PlainDriver
+    from pagoda_dist.stages import Batch, build_teacher
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core, as each Ray worker gets
+    try:
+        torch.manual_seed(0)
+        stage = build_teacher(cfg)
+        stage.net.to(images.device)
+        driver = PlainDriver(stage.trainable(), stage.optimizers(), grad_clip=cfg.teacher.train.grad_clip)
+        g = torch.Generator().manual_seed(0)
+
+        def step() -> None:
+            driver.begin_step(0)
+            stage.train_step(Batch(images[torch.randint(len(images), (batch,), generator=g)]), driver, 0)
+
+        for _ in range(warmup):
+            step()
+        rates = []
+        for _ in range(windows):
+            start = time.perf_counter()
+            for _ in range(window_steps):
+                step()
+            rates.append(window_steps * batch / (time.perf_counter() - start))
+        return statistics.median(rates)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def runtime_rate(cfg, *, warmup_windows: int) -> tuple[float, dict[str, float]]:
+    """Median images/s (all workers) over the log windows after the warm-up ones, and the last record's peaks."""
+    from pagoda_dist.pipeline import reader_source, teacher_stage
+    from pagoda_dist.runtime import train_stage
+
+    with tempfile.TemporaryDirectory(prefix="pagoda-bench-local-") as local:
+        result = train_stage(cfg, teacher_stage, reader_source, stage_name="teacher", local_dir=local)
+    timed = result.history[warmup_windows:]
+    peaks = {k: v for k, v in result.history[-1].items() if k.startswith("peak_")}
+    return statistics.median(r["images_per_s"] for r in timed), peaks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE (e.g. model.channels=64)")
+    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--workers", type=int, default=2, help="Ray Train workers, one CPU each")
+    parser.add_argument("--batch", type=int, default=32, help="images per worker and step (both sides)")
+    parser.add_argument("--zero", type=int, nargs="+", default=[1, 2, 3], help="ZeRO stages to run")
+    parser.add_argument("--windows", type=int, default=6, help="timing windows per measurement")
+    parser.add_argument("--window-steps", type=int, default=8, help="optimizer steps per timing window")
+    parser.add_argument("--warmup-steps", type=int, default=8, help="steps before timing (runtime: whole windows)")
+    parser.add_argument("--tiles", type=int, default=2048, help="photo tiles in the dataset")
+    parser.add_argument("--gpu", action="store_true", help="workers on GPUs (bare loop on the first one)")
+    parser.add_argument("--short", action="store_true", help="ZeRO-2 only, 3 windows of 4 steps, 4 warm-up steps")
+    args = parser.parse_args()
+    if args.short:
+        args.zero, args.windows, args.window_steps, args.warmup_steps = [2], 3, 4, 4
+
+    import torch
+
+    from pagoda_dist import storage
+    from pagoda_dist.config import load_config
+    from pagoda_dist.data.prepare import prepare
+    from pagoda_dist.data.reader import load_images
+    from pagoda_dist.models.unet import UNet
+
+    base = load_config(args.config, ["model.num_classes=0", "data.loader_workers=1", *args.overrides])
+    res, step_images = base.model.resolution, args.workers * args.batch
+    window_kimg = args.window_steps * step_images / 1000
+    warmup_windows = max(1, -(-args.warmup_steps // args.window_steps))
+    with tempfile.TemporaryDirectory(prefix="pagoda-bench-") as tmp:
+        local = str(Path(tmp) / "tiles")
+        report = prepare("builtin:photo-tiles", local, resolution=base.data.resolution, shard_size=500, workers=2,
+                         limit=args.tiles, progress=False)
+        images = load_images(local, count=min(1024, report.counts["train"]), split="train", resolution=res)
+        device = "cuda" if args.gpu else "cpu"
+        images = images.to(device)
+        server = storage.LocalS3Server(Path(tmp) / "s3", port=storage.free_port_block(), startup_timeout_s=60)
+        server.start()
+        try:
+            os.environ.update(server.env())
+            storage.configure(endpoint_url=server.endpoint, region=server.region)
+            bucket = server.ensure_bucket("bench")
+            shards = storage.join(bucket, "tiles")
+            storage.upload_dir(local, shards)
+            params = sum(p.numel() for p in UNet(base.model).parameters())
+            print(f"teacher UNet {params / 1e6:.2f}M parameters at {res} px; {report.counts['train']} tiles stored "
+                  f"at {base.data.resolution} px; {args.workers} workers x {args.batch} images/step; "
+                  f"{args.windows} windows x {args.window_steps} steps after {args.warmup_steps} warm-up steps; "
+                  f"load average {os.getloadavg()[0]:.1f}\n", flush=True)
+            print(f"{'ZeRO':>4} {'runtime img/s':>13} {'per core':>9} {'bare img/s':>10} {'ratio':>6} "
+                  f"{'peak RSS/rank MiB':>17}" + (f" {'peak GPU/rank MiB':>17}" if args.gpu else ""), flush=True)
+            for zero in args.zero:
+                bare = bare_rate(base, images, batch=args.batch, warmup=args.warmup_steps, windows=args.windows,
+                                 window_steps=args.window_steps)
+                total_kimg = (warmup_windows + args.windows) * window_kimg
+                cfg = load_config(args.config, [
+                    "model.num_classes=0", "data.loader_workers=1", *args.overrides,
+                    f"run.root={bucket.rstrip('/')}/runs", f"run.name=zero{zero}-{int(time.time())}",
+                    f"data.shards={shards}", f"storage.endpoint_url={server.endpoint}", "storage.embedded_s3=false",
+                    f"runtime.num_workers={args.workers}", "runtime.cpus_per_worker=1", f"runtime.zero_stage={zero}",
+                    f"runtime.use_gpu={str(args.gpu).lower()}", "teacher.train.grad_accum=1",
+                    f"teacher.train.batch_size={step_images}", f"teacher.train.total_kimg={total_kimg}",
+                    f"logging.log_every_kimg={window_kimg}", f"logging.checkpoint_every_kimg={10 * total_kimg}",
+                    f"logging.sample_every_kimg={10 * total_kimg}", "logging.wandb_mode=disabled"])
+                rate, peaks = runtime_rate(cfg, warmup_windows=warmup_windows)
+                per_core = rate / args.workers
+                line = (f"{zero:>4} {rate:>13.1f} {per_core:>9.1f} {bare:>10.1f} {per_core / bare:>6.2f} "
+                        f"{peaks.get('peak_rss_mb', float('nan')):>17.0f}")
+                if args.gpu:
+                    line += f" {peaks.get('peak_gpu_mb', float('nan')):>17.0f}"
+                print(line, flush=True)
+            bare_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            print(f"\nbare loop process peak RSS {bare_rss:.0f} MiB (includes the benchmark's own set-up); "
+                  f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")
+        finally:
+            storage.configure()
+            server.stop()
+
+
+if __name__ == "__main__":
+    main()
