@@ -7,8 +7,9 @@
 #   bash cluster/local.sh status
 #   bash cluster/local.sh down                 # stop both (by PID)
 #
-# Extra arguments after `up` go to the Ray cluster, e.g. `up --workers 2 --cpus 1` for extra worker nodes
-# (a multi-node drill on one machine: kill one node's process group to see the run resume).
+# Extra arguments after `up` go to the Ray cluster, e.g. `up --workers 2 --cpus 1 --head-cpus 1` for three
+# 1-CPU nodes; `kill worker-1` then takes one node down with all its processes (a multi-node drill on one
+# machine: the run resumes from its last committed checkpoint on the nodes left).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -34,8 +35,11 @@ case "$ACTION" in
     python -m pagoda_dist.cli s3 status || true
     python -m pagoda_dist.launch.local_cluster status --state "$STATE"
     ;;
+  kill)
+    python -m pagoda_dist.launch.local_cluster kill --state "$STATE" "$@"
+    ;;
   *)
-    echo "usage: bash cluster/local.sh up [--workers K --cpus C] | status | down" >&2
+    echo "usage: bash cluster/local.sh up [--workers K --cpus C --head-cpus H] | status | kill NODE | down" >&2
     exit 2
     ;;
 esac

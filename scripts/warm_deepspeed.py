@@ -29,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     os.environ["DS_ACCELERATOR"] = args.accelerator
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from pagoda_dist.runtime.jit_ops import use_environment_ninja  # noqa: PLC0415
+
+    use_environment_ninja()  # the same ninja the workers will use, or they would rebuild what this builds
     from deepspeed.accelerator import get_accelerator  # noqa: PLC0415 - needs DS_ACCELERATOR set first
 
     where = os.environ.get("TORCH_EXTENSIONS_DIR") or "torch's default (~/.cache/torch_extensions)"

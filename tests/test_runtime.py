@@ -437,3 +437,17 @@ def test_fault_wrapped_factories_pickle() -> None:
     fault = Fault("kill", 1, 0, "/nonexistent")
     pickle.dumps(functools.partial(faulty, functools.partial(distill_stage, "s3://b/export.pt"), fault))
     pickle.dumps(functools.partial(inverted_tiles, "s3://b/export.pt"))
+
+
+def test_jit_builds_use_the_environments_ninja(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two ninja versions hash build commands differently and rebuild each other's DeepSpeed ops; every process
+    that loads ops must find this environment's ninja (pip installs it with DeepSpeed) first on PATH."""
+    from pagoda_dist.runtime.jit_ops import use_environment_ninja
+
+    bin_dir = str(Path(sys.executable).parent)
+    assert (Path(bin_dir) / "ninja").exists(), "the environment has no ninja: DeepSpeed's JIT ops cannot build"
+    monkeypatch.setenv("PATH", os.pathsep.join(["/usr/bin", bin_dir, "/bin"]))
+    use_environment_ninja()
+    assert os.environ["PATH"].split(os.pathsep) == [bin_dir, "/usr/bin", "/bin"]
+    use_environment_ninja()  # idempotent
+    assert os.environ["PATH"].split(os.pathsep) == [bin_dir, "/usr/bin", "/bin"]

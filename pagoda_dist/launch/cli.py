@@ -1,7 +1,7 @@
 """`pagoda launch ...`: the command-line face of the launchers. pagoda_dist.cli calls `register(subparsers)`.
 
-    pagoda launch ray   CONFIG [overrides] --address http://HEAD:8265 [--no-wait] [--image IMG | --pip]
-    pagoda launch slurm CONFIG [overrides] [--nodes N --partition P --time T --dry-run]
+    pagoda launch ray   CONFIG [overrides] --address http://HEAD:8265 [--only STEP] [--no-wait] [--image IMG | --pip]
+    pagoda launch slurm CONFIG [overrides] [--nodes N --partition P --time T --only STEP --dry-run]
     pagoda launch k8s   [CONFIG] [overrides] [--image IMG --workers N --cpus C --gpus G --memory M --secret S
                         --namespace NS --cluster-only] > manifests.yaml
     pagoda launch check-k8s FILE...          (validate manifests, e.g. after editing them)
@@ -32,6 +32,12 @@ def _driver_arg(parser: argparse.ArgumentParser) -> None:
                              "validated), e.g. one-off tools or tests")
 
 
+def _only_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--only", action="append", default=[], metavar="STEP",
+                        help="run only this step of the chain (repeatable), as `pagoda run --only STEP`: prepare, "
+                             "teacher, precompute, distill, grow-RES, evaluate")
+
+
 def _env_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                         help="a non-secret setting for the driver/pods (repeatable); credential-like names are "
@@ -45,7 +51,8 @@ def cmd_ray(args: argparse.Namespace) -> int:
     if not address:
         raise LaunchError("--address: give the Ray job API of the cluster, e.g. http://HEAD:8265 "
                           "(or set RAY_API_SERVER_ADDRESS)")
-    request = RayJobRequest(address=address, config=args.config, overrides=args.overrides, driver=args.driver,
+    request = RayJobRequest(address=address, config=args.config, overrides=args.overrides, only=args.only,
+                            driver=args.driver,
                             image=args.image, pip=args.pip, env=args.env, submission_id=args.submission_id,
                             entrypoint_num_cpus=args.entrypoint_num_cpus)
     return launch(request, wait=not args.no_wait)
@@ -54,7 +61,8 @@ def cmd_ray(args: argparse.Namespace) -> int:
 def cmd_slurm(args: argparse.Namespace) -> int:
     from pagoda_dist.launch.slurm import SlurmRequest, launch
 
-    request = SlurmRequest(config=args.config, overrides=args.overrides, nodes=args.nodes, partition=args.partition,
+    request = SlurmRequest(config=args.config, overrides=args.overrides, only=args.only, nodes=args.nodes,
+                           partition=args.partition,
                            time=args.time, account=args.account, job_name=args.job_name,
                            cpus_per_node=args.cpus_per_node, gpus_per_node=args.gpus_per_node, output=args.output,
                            driver=args.driver, venv=args.venv, extra_sbatch=args.sbatch_arg)
@@ -118,6 +126,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--pip", action="store_true", help="install the pinned stack (constraints.txt) for the job")
     p.add_argument("--submission-id", default=None, help="job id (default: pagoda-RUN-TIMESTAMP)")
     p.add_argument("--entrypoint-num-cpus", type=float, default=0.0, help="CPUs reserved for the driver")
+    _only_arg(p)
     _driver_arg(p)
     _env_arg(p)
     p.set_defaults(func=_guarded(cmd_ray))
@@ -137,6 +146,7 @@ def register(subparsers: Any) -> None:
                    help="extra #SBATCH option (repeatable), e.g. --sbatch-arg=--exclusive")
     p.add_argument("--script-out", default=None, help="where to write the filled script")
     p.add_argument("--dry-run", action="store_true", help="print the filled script; submit nothing")
+    _only_arg(p)
     _driver_arg(p)
     p.set_defaults(func=_guarded(cmd_slurm))
 

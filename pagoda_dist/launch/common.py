@@ -49,9 +49,19 @@ def forwarded_env(extra: list[str] | tuple[str, ...] = (), from_environment: boo
     return env
 
 
-def load_checked_config(config: str | Path | None, overrides: list[str] | tuple[str, ...]) -> Config:
-    """Validates the config here, before anything is submitted, so mistakes fail in seconds, not in a queue."""
-    return load_config(config, list(overrides))
+def load_checked_config(config: str | Path | None, overrides: list[str] | tuple[str, ...],
+                        only: list[str] | tuple[str, ...] = ()) -> Config:
+    """Validates the config, and the `--only` step names against its chain, here, before anything is submitted,
+    so mistakes fail in seconds, not in a queue (an unknown step name would make the driver run nothing)."""
+    cfg = load_config(config, list(overrides))
+    if only:
+        from pagoda_dist.pipeline import plan
+
+        steps = [step.name for step in plan(cfg)]
+        unknown = [name for name in only if name not in steps]
+        if unknown:
+            raise LaunchError(f"--only {unknown[0]}: not a step of this run; its steps are {', '.join(steps)}")
+    return cfg
 
 
 def config_relpath(config: str | Path, root: Path = PROJECT_ROOT) -> str:
@@ -64,14 +74,17 @@ def config_relpath(config: str | Path, root: Path = PROJECT_ROOT) -> str:
                           f"cluster with the code); copy it to {root / 'configs'}/") from None
 
 
-def driver_command(config_rel: str, overrides: list[str] | tuple[str, ...]) -> list[str]:
-    """`pagoda run CONFIG overrides` as argv, for a driver running inside a Ray cluster.
+def driver_command(config_rel: str, overrides: list[str] | tuple[str, ...],
+                   only: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """`pagoda run [--only STEP ...] CONFIG overrides` as argv, for a driver running inside a Ray cluster.
 
     `runtime.ray_address=auto` makes the driver join the cluster it runs in: `ray.init(address="auto")` reads
     RAY_ADDRESS, which `ray job submit`, KubeRay and the Slurm script all set. An explicit `runtime.ray_address=`
     override from the user wins. `python -m pagoda_dist.cli` rather than the `pagoda` script: it works from the
     shipped checkout even where the package itself is not installed."""
-    argv = ["python", "-m", "pagoda_dist.cli", "run", config_rel, *overrides]
+    # --only before CONFIG: argparse takes no positional after an option once the overrides have been read.
+    argv = ["python", "-m", "pagoda_dist.cli", "run", *(a for name in only for a in ("--only", name)), config_rel,
+            *overrides]
     if not any(o.startswith("runtime.ray_address=") for o in overrides):
         argv.append("runtime.ray_address=auto")
     return argv

@@ -3,16 +3,16 @@ loopback-only equivalent of `ray start --block`).
 
 Used by the tests (job submission, node failure) and by `cluster/local.sh`. Every node binds 127.0.0.1, gets its
 own ports (so several clusters, and other Ray instances on the machine, coexist), a small object store, and runs
-in its own session, so one node can be killed alone (SIGKILL to its process group: the raylet and its workers
-die with it, like a machine going away) and everything is stopped by PID at the end. Never `ray stop`: that kills
-every Ray process of the user on the machine, not only ours.
+in its own session, so one node can be killed alone (SIGKILL to its process group, and to the Ray workers its
+raylet started in groups of their own: like a machine going away) and everything is stopped by PID at the end.
+Never `ray stop`: that kills every Ray process of the user on the machine, not only ours.
 
     with LocalCluster(workers=1, cpus_per_node=1) as cluster:
         cluster.wait_for_nodes(alive=2)
         cluster.kill_node(1)
 
 From the shell: `python -m pagoda_dist.launch.local_cluster up|down|status [--workers K ...]` (state in a JSON
-file, so `down` stops exactly what `up` started).
+file, so `down` stops exactly what `up` started) and `kill NODE` (one node, for failure drills).
 """
 from __future__ import annotations
 
@@ -36,6 +36,7 @@ from pagoda_dist.launch.ray_node import LOOPBACK, READY_MARKER
 from pagoda_dist.launch.ray_probe import ProbeError, read_nodes, wait_for_nodes
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
+TRAIN_WORKER = "ray::RayTrainWorker"  # how a Ray Train worker process shows in its command line
 
 
 class ClusterError(RuntimeError):
@@ -47,6 +48,41 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((LOOPBACK, 0))
         return int(sock.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class Proc:
+    """One live process, as Linux /proc shows it."""
+
+    pid: int
+    ppid: int
+    pgrp: int
+    started: int  # clock ticks after boot: tells this process from a later one that reuses its PID
+
+
+def _read_proc(pid: int | str) -> Proc | None:
+    """The process `pid`, or None when it is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()  # after "pid (comm)"
+    except (OSError, IndexError):
+        return None
+    if fields[0] == "Z":  # state; then ppid, pgrp, ...; starttime is field 22 of the whole line
+        return None
+    return Proc(int(pid), int(fields[1]), int(fields[2]), int(fields[19]))
+
+
+def signal_processes(procs: list[Proc], sig: int) -> None:
+    """Sends `sig` to each of `procs` that still runs (the same process: a reused PID is left alone)."""
+    for proc in procs:
+        if _read_proc(proc.pid) == proc:
+            try:
+                os.kill(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
+
+def any_alive(procs: list[Proc]) -> bool:
+    return any(_read_proc(proc.pid) == proc for proc in procs)
 
 
 @dataclass
@@ -71,11 +107,18 @@ class NodeProcess:
         return True
 
     def signal_group(self, sig: int) -> None:
-        """Sends `sig` to the node's whole process group (raylet, GCS, workers), ignoring one that is gone."""
+        """Sends `sig` to the node's process group (runner, raylet, GCS, agents; Ray workers have groups of their
+        own), ignoring one that is gone."""
         try:
             os.killpg(self.pid, sig)
         except ProcessLookupError:
             pass
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signals every process of the node, its Ray workers included: SIGKILL is the machine going away."""
+        procs = self.processes()
+        self.signal_group(sig)
+        signal_processes(procs, sig)
 
     def wait(self, timeout: float) -> bool:
         """True once the node process has exited (reaped when we are its parent)."""
@@ -86,15 +129,35 @@ class NodeProcess:
             time.sleep(0.1)
         return not self.running()
 
+    def processes(self) -> list[Proc]:
+        """The node's live processes: its process group (node runner, raylet, GCS, agents) and their descendants,
+        since Ray starts every worker in a process group of its own (Linux /proc)."""
+        table = [proc for proc in map(_read_proc, (d.name for d in Path("/proc").glob("[0-9]*"))) if proc]
+        children: dict[int, list[Proc]] = {}
+        for proc in table:
+            children.setdefault(proc.ppid, []).append(proc)
+        found: dict[int, Proc] = {}
+        todo = [proc for proc in table if proc.pgrp == self.pid]
+        while todo:
+            proc = todo.pop()
+            if proc.pid not in found:
+                found[proc.pid] = proc
+                todo.extend(children.get(proc.pid, []))
+        return sorted(found.values(), key=lambda proc: proc.pid)
+
     def group_alive(self) -> bool:
-        """True while a live (non-zombie) process of the node's process group exists (reads Linux /proc)."""
-        for stat in Path("/proc").glob("[0-9]*/stat"):
+        """True while a process of the node (or a worker it started) runs."""
+        return bool(self.processes())
+
+    def runs(self, text: str) -> bool:
+        """True while a process of this node has `text` in its command line; Ray workers show their actor class
+        there (e.g. `ray::RayTrainWorker`), so this tells which node hosts which actor."""
+        for proc in self.processes():
             try:
-                fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, pgrp, ...
-            except (OSError, IndexError):
+                if text in Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode(errors="replace"):
+                    return True
+            except OSError:
                 continue
-            if int(fields[2]) == self.pid and fields[0] != "Z":
-                return True
         return False
 
 
@@ -255,26 +318,19 @@ class LocalCluster:
 
     # --------------------------------------------------------------------------------------- kill / stop
     def kill_node(self, index: int, sig: int = signal.SIGKILL) -> NodeProcess:
-        """Kills node `index` (0 is the head) with its whole process group, as if the machine had died."""
+        """Kills node `index` (0 is the head) with all its processes, Ray workers included, as if the machine had
+        died."""
         node = self.nodes_started[index]
         node.killed = True
-        node.signal_group(sig)
+        node.kill(sig)
         node.wait(10.0)
         return node
 
     def stop(self, grace_s: float = 15.0) -> None:
-        """Stops every node this object started: SIGTERM (Ray cleans up its children), then SIGKILL to the groups.
-        Workers first, the head last, so workers do not log a lost GCS while shutting down."""
-        for node in reversed(self.nodes_started):
-            node.killed = True
-            if node.running():
-                node.signal_group(signal.SIGTERM)
-        deadline = time.monotonic() + grace_s
-        for node in reversed(self.nodes_started):
-            node.wait(max(0.1, deadline - time.monotonic()))
+        """Stops every node this object started (see `stop_nodes`) and removes its temp dir if it made it."""
         for node in self.nodes_started:
-            node.signal_group(signal.SIGKILL)  # leftovers: raylet, workers, dashboard of a node that hung
-            node.wait(5.0)
+            node.killed = True
+        stop_nodes(self.nodes_started, grace_s)
         if self._own_temp:
             shutil.rmtree(self.temp_dir, ignore_errors=True)
 
@@ -290,6 +346,23 @@ class LocalCluster:
                 "client_env": self.client_env(), "own_temp_dir": self._own_temp,
                 "nodes": [{k: v for k, v in asdict(n).items() if k not in ("popen", "killed")}
                           for n in self.nodes_started]}
+
+
+def stop_nodes(nodes: list[NodeProcess], grace_s: float = 15.0) -> None:
+    """SIGTERM to every node, workers first and the head last (so workers do not log a lost GCS): Ray then stops
+    each node's processes cleanly. After `grace_s`, SIGKILL to whatever of theirs still runs, Ray workers included
+    (they are listed first: once their raylet is gone they are no longer its descendants)."""
+    procs = [proc for node in nodes for proc in node.processes()]
+    for node in reversed(nodes):
+        node.signal_group(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and any_alive(procs):
+        time.sleep(0.2)
+    for node in nodes:
+        node.signal_group(signal.SIGKILL)
+    signal_processes(procs, signal.SIGKILL)
+    for node in nodes:
+        node.wait(5.0)  # reaps the node runners we started
 
 
 def _tail(path: str, chars: int = 3000) -> str:
@@ -330,13 +403,7 @@ def _cmd_down(args: argparse.Namespace) -> int:
         return 0
     state = json.loads(state_file.read_text())
     nodes = [NodeProcess(**n) for n in state["nodes"]]
-    for node in reversed(nodes):
-        node.signal_group(signal.SIGTERM)
-    deadline = time.monotonic() + 15.0
-    while time.monotonic() < deadline and any(n.group_alive() for n in nodes):
-        time.sleep(0.2)
-    for node in nodes:
-        node.signal_group(signal.SIGKILL)
+    stop_nodes(nodes)
     if state.get("own_temp_dir"):
         shutil.rmtree(state["temp_dir"], ignore_errors=True)
     state_file.unlink()
@@ -351,15 +418,31 @@ def _cmd_status(args: argparse.Namespace) -> int:
         return 1
     state = json.loads(state_file.read_text())
     for node in (NodeProcess(**n) for n in state["nodes"]):
-        print(f"{node.name:<10} pid {node.pid:<8} {'running' if node.group_alive() else 'gone'}  log {node.log}")
+        status = "gone" if not node.group_alive() else (
+            "running, hosts a training worker" if node.runs(TRAIN_WORKER) else "running")
+        print(f"{node.name:<10} pid {node.pid:<8} {status:<34} log {node.log}")
     print(f"RAY_ADDRESS={state['address']}")
+    return 0
+
+
+def _cmd_kill(args: argparse.Namespace) -> int:
+    state_file = Path(args.state)
+    nodes = [NodeProcess(**n) for n in json.loads(state_file.read_text())["nodes"]] if state_file.exists() else []
+    node = next((n for n in nodes if n.name == args.node), None)
+    if node is None:
+        print(f"local cluster: no node {args.node!r}; nodes: {', '.join(n.name for n in nodes) or 'none (down)'}",
+              file=sys.stderr)
+        return 1
+    node.kill()
+    print(f"killed {node.name} (pid {node.pid}) with all its processes")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pagoda_dist.launch.local_cluster",
                                      description="a multi-node Ray cluster on this machine (127.0.0.1)")
-    parser.add_argument("action", choices=["up", "down", "status"])
+    parser.add_argument("action", choices=["up", "down", "status", "kill"])
+    parser.add_argument("node", nargs="?", help="kill: the node to take down, as `status` names it (e.g. worker-1)")
     parser.add_argument("--state", default="work/local-cluster.json", help="where `up` records the node PIDs")
     parser.add_argument("--workers", type=int, default=0,
                         help="worker nodes besides the head (several nodes on one machine: for failure drills)")
@@ -368,9 +451,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--object-store-mb", type=int, default=512, help="object store per node, MiB")
     parser.add_argument("--temp-dir", default=None, help="Ray temp/log folder (default: a new /tmp/pgray-*)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the nodes to join")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # `kill --state FILE worker-1`: the node name may follow options
     try:
-        return {"up": _cmd_up, "down": _cmd_down, "status": _cmd_status}[args.action](args)
+        if (args.action == "kill") != (args.node is not None):
+            parser.error("give a node name with `kill`, and only there")
+        return {"up": _cmd_up, "down": _cmd_down, "status": _cmd_status, "kill": _cmd_kill}[args.action](args)
     except ClusterError as err:
         print(f"local cluster: {err}", file=sys.stderr)
         return 1

@@ -42,6 +42,7 @@ class RayJobRequest:
     address: str
     config: str | Path
     overrides: list[str] = field(default_factory=list)
+    only: list[str] = field(default_factory=list)  # `pagoda run --only` steps (empty: the whole chain)
     driver: str | None = None          # a whole shell command instead of `pagoda run ...` (tests, one-off tools)
     working_dir: Path = PROJECT_ROOT
     image: str | None = None           # runtime_env image_uri: run the driver and workers in this container image
@@ -54,7 +55,7 @@ class RayJobRequest:
         if self.driver:
             return self.driver
         rel = config_relpath(self.config, self.working_dir)
-        return shell_join(driver_command(rel, self.overrides))
+        return shell_join(driver_command(rel, self.overrides, self.only))
 
 
 def pinned_requirements(root: Path = PROJECT_ROOT) -> list[str]:
@@ -103,7 +104,7 @@ def submit(request: RayJobRequest, client: Any = None) -> tuple[Any, str]:
     """Validates the config, submits the job; returns (client, submission id)."""
     from ray.job_submission import JobSubmissionClient
 
-    cfg = load_checked_config(request.config, request.overrides)
+    cfg = load_checked_config(request.config, request.overrides, request.only)
     for note in storage_warnings(cfg, multi_node=True):
         print(f"pagoda launch ray: note: {note}", file=sys.stderr)
     entrypoint, env = request.entrypoint(), runtime_env(request)  # local mistakes first, before any network

@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     import ray._private.parameter
     from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
 
+    # Nodes sharing a temp dir would pick their socket names by "first free name" (raylet, raylet.1, ...), a race
+    # when they start together (both take the same name and one raylet never registers): name them per node.
+    sockets = os.path.join(args.temp_dir, "sockets", str(os.getpid()))
     params = ray._private.parameter.RayParams(
         node_ip_address=LOOPBACK,
         gcs_address=None if args.head else args.address,
@@ -65,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         max_worker_port=0,
         # One log monitor per machine is enough: the head's.
         include_log_monitor=bool(args.head),
+        raylet_socket_name=os.path.join(sockets, "raylet"),
+        plasma_store_socket_name=os.path.join(sockets, "plasma_store"),
     )
     ensure_token_if_auth_enabled(None, create_token_if_missing=False)
     # shutdown_at_exit: SIGTERM (or our exit) stops every process of this node; spawn_reaper: the kernel kills

@@ -38,6 +38,7 @@ class SlurmRequest:
 
     config: str | Path
     overrides: list[str] = field(default_factory=list)
+    only: list[str] = field(default_factory=list)  # `pagoda run --only` steps (empty: the whole chain)
     nodes: int = 1
     partition: str | None = None
     time: str = "24:00:00"
@@ -103,7 +104,7 @@ def sbatch_options(cfg: Config, req: SlurmRequest) -> list[str]:
 
 def render(req: SlurmRequest, template: Path = TEMPLATE) -> tuple[str, Config]:
     """The filled sbatch script for `req`, and the validated config."""
-    cfg = load_checked_config(req.config, req.overrides)
+    cfg = load_checked_config(req.config, req.overrides, req.only)
     for note in storage_warnings(cfg, multi_node=req.nodes > 1):
         print(f"pagoda launch slurm: note: {note}", file=sys.stderr)
     if not template.is_file():
@@ -123,7 +124,7 @@ def render(req: SlurmRequest, template: Path = TEMPLATE) -> tuple[str, Config]:
     if req.driver:
         driver = f"DRIVER=(bash -c {shlex.quote(req.driver)})\n"
     else:
-        argv = driver_command(config_relpath(req.config, req.workdir), req.overrides)
+        argv = driver_command(config_relpath(req.config, req.workdir), req.overrides, req.only)
         driver = f"DRIVER=({shlex.join(argv)})\n"
     return _replace_block(text, "driver", driver), cfg
 

@@ -30,6 +30,7 @@ from .checkpoint import (CheckpointMismatch, CheckpointRef, CheckpointStore, Sav
 from .comm import Comm
 from .drivers import DeepSpeedDriver, deepspeed_config
 from .ema import Ema, full_state_dict
+from .jit_ops import use_environment_ninja
 from .schedule import crossed, ema_beta
 from .source import DataFactory, DataRequest
 from .telemetry import Telemetry, start_wandb
@@ -120,6 +121,7 @@ def run_worker(job: WorkerJob, rank: int, world_size: int, device: torch.device)
     cfg = job.cfg
     train = train_config_for(cfg, job.stage_name)
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
+    use_environment_ninja()
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")  # reuses Ray's group
