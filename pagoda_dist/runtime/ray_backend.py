@@ -58,5 +58,10 @@ class StopRelay:
 
 
 def start_stop_relay() -> Any:
-    """A fresh `StopRelay` actor (no CPU: it must start while the workers hold every CPU of the cluster)."""
-    return ray.remote(num_cpus=0)(StopRelay).remote()
+    """A fresh `StopRelay` actor on the driver's own node (no CPU: it must start while the workers hold every CPU
+    of the cluster). Pinned there because a relay on a worker node would die with that node and leave the
+    restarted group deaf to the driver's SIGTERM; the driver's node lives exactly as long as the driver."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ray.remote(num_cpus=0)(StopRelay).options(scheduling_strategy=here).remote()
