@@ -451,3 +451,20 @@ def test_jit_builds_use_the_environments_ninja(monkeypatch: pytest.MonkeyPatch) 
     assert os.environ["PATH"].split(os.pathsep) == [bin_dir, "/usr/bin", "/bin"]
     use_environment_ninja()  # idempotent
     assert os.environ["PATH"].split(os.pathsep) == [bin_dir, "/usr/bin", "/bin"]
+
+
+def test_mfu_divides_by_the_best_peak_measured_so_far() -> None:
+    """A peak measured while the machine is busy reads low; each log point measures again and keeps the best, so
+    MFU falls back to a true reading once the load goes (it would otherwise stay inflated for the whole run)."""
+    from pagoda_dist.runtime.comm import SoloComm
+    from pagoda_dist.runtime.telemetry import Telemetry
+
+    readings = iter([1e9, 4e9, 2e9])
+    telemetry = Telemetry(SoloComm(), stage="teacher", start_nimg=0, total_nimg=100,
+                          peak_flops=lambda quick=False: next(readings), flops_per_step=1e8)
+    assert telemetry.peak_flops == 1e9
+    for nimg in (10, 20):
+        telemetry.add({"loss": 1.0})
+        record = telemetry.log(nimg)
+    assert telemetry.peak_flops == 4e9  # the 2e9 reading of the second log did not lower it
+    assert record["mfu"] == pytest.approx(record["tflops_per_rank"] * 1e12 / 4e9)

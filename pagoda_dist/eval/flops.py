@@ -68,8 +68,9 @@ def estimate_peak_flops(device: str | torch.device = "cpu", dtype: torch.dtype =
     """
     device = torch.device(device)
     n = size or (8192 if device.type == "cuda" else 1024)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
+    g = torch.Generator(device).manual_seed(0)  # its own generator: a run's RNG stream must not depend on this
+    a = torch.randn(n, n, device=device, dtype=dtype, generator=g)
+    b = torch.randn(n, n, device=device, dtype=dtype, generator=g)
     c = torch.empty(n, n, device=device, dtype=dtype)
     torch.matmul(a, b, out=c)  # warm-up: kernel selection, allocation, clocks
     _synchronize(device)

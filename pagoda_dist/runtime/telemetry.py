@@ -4,7 +4,8 @@ Losses are summed per rank between log points and averaged over steps and ranks 
 all-reduce per log, none per step); each record also holds the largest rank's peak memory (RSS, and the GPU
 allocator's peak on a GPU). MFU divides the FLOPs of one counted training step by the time per step and
 the machine's measured matmul peak (`eval.flops.estimate_peak_flops`, measured on every rank at once so each
-sees its share of a shared machine). The count runs only on the first step of a fresh run and travels in the
+sees its share of a shared machine). A peak measured while other jobs load the machine reads low and would make
+MFU read high, so a short measurement is repeated at every log point and the best one kept. The count runs only on the first step of a fresh run and travels in the
 checkpoint: under a counting dispatch mode bf16 kernels round differently, so counting a step after a resume would
 break the exact continuation.
 """
@@ -17,7 +18,7 @@ import resource
 import time
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -41,12 +42,14 @@ class Telemetry:
     """Accumulates per-step losses; at log points prints a progress line and logs to wandb (rank 0)."""
 
     def __init__(self, comm: Comm | SoloComm, *, stage: str, start_nimg: int, total_nimg: int,
-                 peak_flops: float | None = None, flops_per_step: float | None = None, count_flops: bool = False,
+                 peak_flops: Callable[..., float] | None = None, flops_per_step: float | None = None,
+                 count_flops: bool = False,
                  wandb_run: Any = None, jsonl: Path | None = None) -> None:
         self.comm = comm
         self.stage = stage
         self.total_nimg = total_nimg
-        self.peak_flops = peak_flops
+        self._measure_peak = peak_flops  # measure_peak(quick=...) -> FLOP/s
+        self.peak_flops = peak_flops() if peak_flops is not None else None
         self.wandb_run = wandb_run
         self.jsonl = jsonl  # rank 0 appends every record here (a restart's replayed steps appear again)
         self.flops_per_step = flops_per_step  # per rank and optimizer step; counted once, then carried along
@@ -81,6 +84,8 @@ class Telemetry:
                                     "sec_per_kimg": seconds / max(images, 1) * 1000.0}
         peaks = self.comm.gather(_peak_memory_mb())  # the largest rank's peak: what each worker's machine must hold
         record.update({key: max(p[key] for p in peaks) for key in peaks[0]})
+        if self._measure_peak is not None:
+            self.peak_flops = max(self.peak_flops or 0.0, self._measure_peak(quick=True))
         if self.flops_per_step is not None and self.peak_flops and self._steps:
             per_rank = self.flops_per_step * self._steps / seconds
             record["tflops_per_rank"] = per_rank / 1e12

@@ -8,6 +8,7 @@ SIGTERM (to this worker, or to the driver and passed on) asks it to save and sto
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import time
@@ -160,7 +161,7 @@ def run_worker(job: WorkerJob, rank: int, world_size: int, device: torch.device)
     total_nimg = int(round(train.total_kimg * 1000))
     log = cfg.logging
     telemetry = Telemetry(comm, stage=job.stage_name, start_nimg=nimg, total_nimg=total_nimg,
-                          peak_flops=_peak_flops(device, cfg.runtime.precision),
+                          peak_flops=functools.partial(_peak_flops, device, cfg.runtime.precision),
                           flops_per_step=meta.get("flops_per_step"), count_flops=latest is None,
                           wandb_run=_wandb(job, meta) if rank == 0 else None,
                           jsonl=Path(job.local_dir) / job.stage_name / "metrics.jsonl")
@@ -229,12 +230,12 @@ def run_worker(job: WorkerJob, rank: int, world_size: int, device: torch.device)
             "history": telemetry.history, "resumed_from": latest.nimg if latest else None}
 
 
-def _peak_flops(device: torch.device, precision: str) -> float:
+def _peak_flops(device: torch.device, precision: str, quick: bool = False) -> float:
     from pagoda_dist.eval.flops import estimate_peak_flops
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     # Measured on every rank at once: on a shared machine each rank's share is what its steps can use.
-    return estimate_peak_flops(device, dtype, trials=2)
+    return estimate_peak_flops(device, dtype, repeats=2 if quick else 8, trials=1 if quick else 2)
 
 
 def _wandb(job: WorkerJob, meta: dict[str, Any]) -> Any:
