@@ -122,6 +122,10 @@ def run_worker(job: WorkerJob, rank: int, world_size: int, device: torch.device)
     cfg = job.cfg
     train = train_config_for(cfg, job.stage_name)
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
+    if device.type == "cpu":
+        # torch starts one thread per core of the machine, not of the worker's share: two 1-CPU workers on a
+        # 2-core node would run four spinning OpenMP threads on two cores (several times slower under load).
+        torch.set_num_threads(max(1, int(cfg.runtime.cpus_per_worker)))
     use_environment_ninja()
     import deepspeed
 
