@@ -24,7 +24,7 @@ from pagoda_dist import storage
 from pagoda_dist.config import Config
 from pagoda_dist.data.tensors import downsample
 from pagoda_dist.eval.clip_score import clip_score, load_clip
-from pagoda_dist.eval.fid import FeatureStats, frechet_distance, inception_features
+from pagoda_dist.eval.fid import FeatureStats, effnet_features, frechet_distance, inception_features
 from pagoda_dist.eval.grid import save_grid
 from pagoda_dist.eval.metrics import image_metrics
 from pagoda_dist.models.conditioning import Condition
@@ -59,13 +59,23 @@ class Scorer:
         self.clip = None
         if cfg.model.text_dim and (e.clip_weights or e.clip_random_init):
             self.clip = load_clip(e.clip_model, e.clip_weights, random_init=e.clip_random_init)
+        self._references: dict[int, tuple[Tensor, FeatureStats, FeatureStats | None]] = {}
+
+    def _reference_stats(self, real: Tensor) -> tuple[FeatureStats, FeatureStats | None]:
+        """EfficientNet (and Inception) statistics of a real set, computed once: every stage and checkpoint scored
+        against the same set reuses them."""
+        if id(real) not in self._references:
+            effnet = FeatureStats.of(effnet_features(real, self.effnet))
+            inception = None if self.inception is None else FeatureStats.of(inception_features(real, self.inception))
+            self._references[id(real)] = (real, effnet, inception)  # holding `real` keeps its id from being reused
+        return self._references[id(real)][1:]
 
     def __call__(self, real: Tensor, fake: Tensor, captions: list[str] | None = None) -> dict[str, float]:
         """Metrics of `fake` against `real`; CLIP score pairs fake image i with caption i."""
-        out = image_metrics(real, fake, seed=self.seed, effnet=self.effnet)
-        if self.inception is not None:
-            stats = [FeatureStats.of(inception_features(x, self.inception)) for x in (real, fake)]
-            out["FID"] = frechet_distance(*stats)
+        effnet_stats, inception_stats = self._reference_stats(real)
+        out = image_metrics(real, fake, seed=self.seed, effnet=self.effnet, real_stats=effnet_stats)
+        if inception_stats is not None:
+            out["FID"] = frechet_distance(inception_stats, FeatureStats.of(inception_features(fake, self.inception)))
         if self.clip is not None and captions is not None:
             out["CLIP score"] = clip_score(fake, captions, *self.clip)
         return out
@@ -141,9 +151,12 @@ def evaluate_run(cfg: Config) -> dict[str, Any]:
     eval_url = storage.join(cfg.run_url, "eval")
     results: dict[str, Any] = {"num_images": n, "real_set": f"{cfg.pairs_url} (val)", "stages": {}, "floor": {}}
     previous: Tensor | None = None
+    reals: dict[int, tuple[Tensor, Tensor]] = {}  # one real set per resolution: its feature statistics are reused
     for stage in stage_names(cfg):
         res = stage_resolution(cfg, stage)
-        real, floor = downsample(data.real, res), downsample(data.real_floor, res)
+        if res not in reals:
+            reals[res] = downsample(data.real, res), downsample(data.real_floor, res)
+        real, floor = reals[res]
         if res not in results["floor"]:
             # real vs real; the first set plays "generated" so that its own captions give the real CLIP score
             results["floor"][res] = score(floor, real, data.captions)

@@ -22,7 +22,7 @@ from pagoda_dist.stages.base import Stage
 from . import preemption
 from .checkpoint import CheckpointMismatch, CheckpointStore
 from .source import DataFactory
-from .worker import WorkerEnv, WorkerJob, ray_train_loop, train_config_for
+from .worker import WorkerEnv, WorkerJob, ray_train_loop
 
 # Credentials travel to workers inside the job (never through a runtime_env, which Ray shows in its dashboard),
 # so a remote cluster sees the same identity as the driver. Values are masked in every repr.
@@ -46,7 +46,7 @@ class TrainResult:
 
 def validate(cfg: Config, stage_name: str) -> TrainConfig:
     """Checks what a run needs before any work starts; raises ConfigError naming the key."""
-    train = train_config_for(cfg, stage_name)
+    train = cfg.train_config(stage_name)
     rt = cfg.runtime
     if rt.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"runtime.zero_stage: must be 0, 1, 2 or 3, got {rt.zero_stage!r}")

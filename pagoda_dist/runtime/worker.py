@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from pagoda_dist import storage
-from pagoda_dist.config import Config, TrainConfig, to_dict
+from pagoda_dist.config import Config, to_dict
 from pagoda_dist.models.conditioning import Condition
 from pagoda_dist.stages.base import Stage
 
@@ -37,11 +37,6 @@ from .source import DataFactory, DataRequest
 from .telemetry import Telemetry, start_wandb
 
 EXPORT_FORMAT = 1
-
-
-def train_config_for(cfg: Config, stage_name: str) -> TrainConfig:
-    """The `train` section that governs stage `stage_name` (teacher, distill, grow-RES)."""
-    return cfg.train_config(stage_name)
 
 
 @dataclass
@@ -120,7 +115,7 @@ def check_compatible(expected: dict[str, Any], saved: dict[str, Any], url: str) 
 def run_worker(job: WorkerJob, rank: int, world_size: int, device: torch.device) -> dict[str, Any]:
     started = time.perf_counter()
     cfg = job.cfg
-    train = train_config_for(cfg, job.stage_name)
+    train = cfg.train_config(job.stage_name)
     storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
     if device.type == "cpu":
         # torch starts one thread per core of the machine, not of the worker's share: two 1-CPU workers on a
