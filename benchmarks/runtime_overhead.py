@@ -1,7 +1,7 @@
 """Steady-state images/s of the teacher step through Ray Train + DeepSpeed + S3 streaming vs. a bare PyTorch loop.
 
     python benchmarks/runtime_overhead.py                    # tiny.yaml's teacher, 2 workers, ZeRO 1, 2 and 3
-    python benchmarks/runtime_overhead.py --short            # a quick look: ZeRO-2 only, fewer and shorter windows
+    python benchmarks/runtime_overhead.py --short            # a quick look: ZeRO-2 only, one round, short windows
     python benchmarks/runtime_overhead.py --batch 64 --zero 2 model.channels=64
 
 Both sides train the same network (the teacher UNet of --config, unconditional since photo tiles carry no labels)
@@ -14,9 +14,14 @@ with the same loss and the same per-worker batch on this machine, in one run:
 
 Rates are medians over timing windows of --window-steps optimizer steps after --warmup-steps; the runtime's come
 from its own per-window log records. "per core" divides the runtime's rate by the workers (each holds one core),
-so the ratio runtime-per-core / bare is the overhead figure (goal >= 0.9). The bare loop runs again before each
-ZeRO stage, so drift on a shared machine hits both sides. Peak memory is the largest rank's peak RSS (and the GPU
-allocator's peak with --gpu), as logged by the runtime; the bare loop's own peak RSS is printed for reference.
+so the ratio runtime-per-core / bare is the overhead figure (goal >= 0.9).
+
+The two sides are interleaved, bare - runtime - bare - runtime - ... - bare, --rounds runtime measurements per ZeRO
+stage: each runtime rate is divided by the mean of the bare rates measured just before and just after it, so a
+machine that drifts (other tenants, thermal state) moves both sides of each ratio. The bare drift across each
+bracket is printed beside it; the figure per ZeRO stage is the median ratio over its rounds. Peak memory is the
+largest rank's peak RSS (and the GPU allocator's peak with --gpu), as logged by the runtime; the bare loop's own
+peak RSS is printed for reference.
 """
 from __future__ import annotations
 
@@ -87,12 +92,16 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=6, help="timing windows per measurement")
     parser.add_argument("--window-steps", type=int, default=8, help="optimizer steps per timing window")
     parser.add_argument("--warmup-steps", type=int, default=8, help="steps before timing (runtime: whole windows)")
+    parser.add_argument("--rounds", type=int, default=2, help="runtime measurements per ZeRO stage, each bracketed "
+                        "by bare ones")
     parser.add_argument("--tiles", type=int, default=2048, help="photo tiles in the dataset")
     parser.add_argument("--gpu", action="store_true", help="workers on GPUs (bare loop on the first one)")
     parser.add_argument("--short", action="store_true", help="ZeRO-2 only, 3 windows of 4 steps, 4 warm-up steps")
     args = parser.parse_args()
     if args.short:
-        args.zero, args.windows, args.window_steps, args.warmup_steps = [2], 3, 4, 4
+        args.zero, args.rounds, args.windows, args.window_steps, args.warmup_steps = [2], 1, 3, 4, 4
+    if args.rounds < 1:
+        raise SystemExit("--rounds must be at least 1")
 
     import torch
 
@@ -126,28 +135,48 @@ def main() -> None:
                   f"at {base.data.resolution} px; {args.workers} workers x {args.batch} images/step; "
                   f"{args.windows} windows x {args.window_steps} steps after {args.warmup_steps} warm-up steps; "
                   f"load average {os.getloadavg()[0]:.1f}\n", flush=True)
-            print(f"{'ZeRO':>4} {'runtime img/s':>13} {'per core':>9} {'bare img/s':>10} {'ratio':>6} "
-                  f"{'peak RSS/rank MiB':>17}" + (f" {'peak GPU/rank MiB':>17}" if args.gpu else ""), flush=True)
-            for zero in args.zero:
-                bare = bare_rate(base, images, batch=args.batch, warmup=args.warmup_steps, windows=args.windows,
-                                 window_steps=args.window_steps)
-                total_kimg = (warmup_windows + args.windows) * window_kimg
-                cfg = load_config(args.config, [
+            total_kimg = (warmup_windows + args.windows) * window_kimg
+
+            def runtime_config(zero: int):
+                """The benchmark's stage config: fresh run name, streaming from the bench bucket, no checkpoint,
+                sample grid or wandb inside the timed windows."""
+                return load_config(args.config, [
                     "model.num_classes=0", "data.loader_workers=1", *args.overrides,
-                    f"run.root={bucket.rstrip('/')}/runs", f"run.name=zero{zero}-{int(time.time())}",
+                    f"run.root={bucket.rstrip('/')}/runs", f"run.name=zero{zero}-{time.time_ns()}",
                     f"data.shards={shards}", f"storage.endpoint_url={server.endpoint}", "storage.embedded_s3=false",
                     f"runtime.num_workers={args.workers}", "runtime.cpus_per_worker=1", f"runtime.zero_stage={zero}",
                     f"runtime.use_gpu={str(args.gpu).lower()}", "teacher.train.grad_accum=1",
                     f"teacher.train.batch_size={step_images}", f"teacher.train.total_kimg={total_kimg}",
                     f"logging.log_every_kimg={window_kimg}", f"logging.checkpoint_every_kimg={10 * total_kimg}",
                     f"logging.sample_every_kimg={10 * total_kimg}", "logging.wandb_mode=disabled"])
-                rate, peaks = runtime_rate(cfg, warmup_windows=warmup_windows)
-                per_core = rate / args.workers
-                line = (f"{zero:>4} {rate:>13.1f} {per_core:>9.1f} {bare:>10.1f} {per_core / bare:>6.2f} "
-                        f"{peaks.get('peak_rss_mb', float('nan')):>17.0f}")
-                if args.gpu:
-                    line += f" {peaks.get('peak_gpu_mb', float('nan')):>17.0f}"
-                print(line, flush=True)
+
+            print(f"{'ZeRO':>4} {'round':>5} {'runtime img/s':>13} {'per core':>9} {'bare before/after':>17} "
+                  f"{'drift':>6} {'ratio':>6} {'peak RSS/rank MiB':>17}"
+                  + (f" {'peak GPU/rank MiB':>17}" if args.gpu else ""), flush=True)
+
+            def measure_bare() -> float:
+                return bare_rate(base, images, batch=args.batch, warmup=args.warmup_steps, windows=args.windows,
+                                 window_steps=args.window_steps)
+
+            summary = []
+            bare_before = measure_bare()
+            for zero in args.zero:
+                ratios = []
+                for round_index in range(args.rounds):
+                    rate, peaks = runtime_rate(runtime_config(zero), warmup_windows=warmup_windows)
+                    bare_after = measure_bare()
+                    per_core = rate / args.workers
+                    ratio = per_core / ((bare_before + bare_after) / 2)
+                    ratios.append(ratio)
+                    line = (f"{zero:>4} {round_index + 1:>5} {rate:>13.1f} {per_core:>9.1f} "
+                            f"{f'{bare_before:.1f}/{bare_after:.1f}':>17} {bare_after / bare_before - 1:>+6.0%} "
+                            f"{ratio:>6.2f} {peaks.get('peak_rss_mb', float('nan')):>17.0f}")
+                    if args.gpu:
+                        line += f" {peaks.get('peak_gpu_mb', float('nan')):>17.0f}"
+                    print(line, flush=True)
+                    bare_before = bare_after
+                summary.append(f"ZeRO-{zero} {statistics.median(ratios):.2f}x")
+            print(f"\nmedian runtime-per-core / bare over {args.rounds} round(s): {', '.join(summary)} (goal >= 0.90x)")
             bare_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             print(f"\nbare loop process peak RSS {bare_rss:.0f} MiB (includes the benchmark's own set-up); "
                   f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")

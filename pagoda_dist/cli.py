@@ -139,7 +139,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     else:
         cond = Condition()
     stage = "teacher" if args.stage == "teacher" and not args.export else "generator"
-    images = generate(cfg, stage, net.eval(), noise, cond)
+    if args.guidance is not None and args.guidance < 0:
+        raise ConfigError(f"--guidance {args.guidance}: the guidance scale must be >= 0")
+    if args.guidance is not None and stage == "generator" and not getattr(net, "guidance_input", False):
+        raise ConfigError(f"--guidance {args.guidance}: this generator was not trained guidance-aware "
+                          "(distill.adversarial.guidance_range); it has no guidance input")
+    images = generate(cfg, stage, net.eval(), noise, cond, guidance=args.guidance)
     save_grid(images, args.out)
     print(f"[pagoda] {args.n} samples of {args.stage} ({images.shape[-1]}px) -> {args.out}")
     return 0
@@ -194,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--export", default=None, help="an export.pt file/URL to sample instead of the run's")
             p.add_argument("--n", type=int, default=64, help="number of samples")
             p.add_argument("--label", type=int, default=None, help="class id (default: all classes in turn)")
+            p.add_argument("--guidance", type=float, default=None, metavar="W",
+                           help="classifier-free guidance scale of the teacher or of a guidance-aware generator "
+                                "(default: teacher.sampler.guidance)")
             p.add_argument("--seed", type=int, default=0)
             p.add_argument("--out", default="samples.png", help="PNG file to write")
 

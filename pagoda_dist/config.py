@@ -219,6 +219,12 @@ class AdversarialConfig:
     diffaug: str = knob("color,translation,cutout", "DiffAugment policy (comma-separated; empty: off)")
     gan_start_kimg: float = knob(0.0, "images (thousands) of reconstruction only before the GAN term starts")
     distill_loss_weight: float = knob(0.0, "weight of the optional distillation loss on teacher samples")
+    guidance_range: list[float] = knob(
+        [], "[low, high]: a guidance-aware generator; the guidance scale w is an input, drawn per fresh-noise "
+            "sample from U[low, high] and matched to the teacher's guided sample at w (needs distill_loss_weight "
+            "> 0; distill stage only; empty: off)")
+    clip_loss_weight: float = knob(0.0, "weight of the CLIP regulariser 1 - cos(CLIP image embedding of the "
+                                        "generated image, its caption's embedding); text-to-image only (0: off)")
     discriminator: DiscriminatorConfig = section(DiscriminatorConfig, "the discriminator")
 
     def __post_init__(self) -> None:
@@ -229,6 +235,13 @@ class AdversarialConfig:
         unknown = {p for p in self.diffaug.split(",") if p} - allowed
         require(not unknown, "diffaug", f"unknown policies {sorted(unknown)}; choose from {sorted(allowed)}")
         require(self.distill_loss_weight >= 0, "distill_loss_weight", "must be >= 0")
+        if self.guidance_range:
+            require(len(self.guidance_range) == 2 and 1 <= self.guidance_range[0] <= self.guidance_range[1],
+                    "guidance_range", f"must be [low, high] with 1 <= low <= high, got {self.guidance_range}")
+            require(self.distill_loss_weight > 0, "guidance_range",
+                    "a guidance-aware generator learns w > 1 from the teacher's guided samples: set "
+                    "distill_loss_weight > 0 (reconstruction of inversion latents only teaches w = 1)")
+        require(self.clip_loss_weight >= 0, "clip_loss_weight", "must be >= 0")
         require(self.rec_loss != "feature" or self.discriminator.backbone != "none", "rec_loss",
                 "'feature' measures distances on the discriminator's frozen backbone; set "
                 "discriminator.backbone=efficientnet_lite0 or use multiscale")
@@ -376,6 +389,25 @@ class Config:
                     f"{stage.batch_size} is not divisible by runtime.num_workers x grad_accum = {per_step}")
         require(not (self.runtime.precision == "bf16" and self.runtime.zero_stage == 0 and self.runtime.num_workers > 1),
                 "runtime.precision", "bf16 with several workers needs ZeRO stage >= 1")
+        for key, adv in (("distill.adversarial", self.distill.adversarial),
+                         ("grow.adversarial", self.grow.adversarial)):
+            require(adv.clip_loss_weight == 0 or m.text_dim > 0, f"{key}.clip_loss_weight",
+                    "the CLIP regulariser compares images with their captions: it needs a text-conditioned model "
+                    "(model.text_dim > 0); set it to 0")
+        require(not self.grow.adversarial.guidance_range, "grow.adversarial.guidance_range",
+                "the guidance input is learnt in the distill stage (distill.adversarial.guidance_range); grown "
+                "generators inherit it, frozen like every embedding: leave this empty")
+        w_range = self.distill.adversarial.guidance_range
+        if w_range:
+            require(m.num_classes > 0 or m.text_dim > 0, "distill.adversarial.guidance_range",
+                    "classifier-free guidance needs a conditional model (model.num_classes or model.text_dim)")
+            require(m.cond_drop_prob > 0, "distill.adversarial.guidance_range",
+                    "classifier-free guidance needs a teacher trained with dropped conditions "
+                    "(model.cond_drop_prob > 0)")
+            w = self.teacher.sampler.guidance
+            require(w_range[0] <= w <= w_range[1], "teacher.sampler.guidance",
+                    f"a guidance-aware generator samples at this scale by default; {w} lies outside "
+                    f"distill.adversarial.guidance_range {w_range}, where it was never trained")
         pre = self.precompute
         if m.text_dim and pre.clip_weights is None:
             require(pre.clip_random_init, "precompute.clip_weights",

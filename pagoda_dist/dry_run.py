@@ -60,6 +60,20 @@ def stage_lines(cfg: Config, ledger: dict[str, Any]) -> list[StageLine]:
     return lines
 
 
+def _text_to_image_lines(cfg: Config) -> list[str]:
+    """The paper's text-to-image additions a config turns on, one line each (none when off)."""
+    adv, lines = cfg.distill.adversarial, []
+    if adv.guidance_range:
+        low, high = adv.guidance_range
+        lines.append(f"  guidance:   guidance-aware generator, w ~ U[{low:g}, {high:g}] against the teacher's guided "
+                     f"samples (x{adv.distill_loss_weight:g}); samples at w = {cfg.teacher.sampler.guidance:g}")
+    weights = [f"x{a.clip_loss_weight:g} ({name})" for name, a in (("distill", adv), ("grow", cfg.grow.adversarial))
+               if a.clip_loss_weight > 0]
+    if weights:
+        lines.append(f"  clip reg.:  {', '.join(weights)}, image tower of {cfg.precompute.clip_model}")
+    return lines
+
+
 def describe(cfg: Config, source: str) -> str:
     """The dry-run report as text."""
     r, m, pre = cfg.runtime, cfg.model, cfg.precompute
@@ -74,6 +88,7 @@ def describe(cfg: Config, source: str) -> str:
            f"{'1 GPU' if r.use_gpu else f'{r.cpus_per_worker:g} CPU'}, ZeRO-{r.zero_stage}, {r.precision}",
            f"  condition:  " + (f"{m.num_classes} classes" if m.num_classes else
                                 f"CLIP text ({pre.clip_model}, width {m.text_dim})" if m.text_dim else "none"),
+           *_text_to_image_lines(cfg),
            "",
            f"  {'stage':<10} {'px':>4} {'kimg':>9} {'batch':>6} {'per rank':>8} {'steps':>9} {'params':>9} "
            f"{'trainable':>9} {'GFLOP/img':>10} {'PFLOP':>9}"]

@@ -1,4 +1,5 @@
-"""Losses of the distil and grow stages: reconstruction distances, hinge GAN, DiffAugment, adaptive GAN weight.
+"""Losses of the distil and grow stages: reconstruction distances, hinge GAN, DiffAugment, adaptive GAN weight,
+and the text-to-image CLIP regulariser.
 
 Pure torch. The adaptive weight never differentiates with respect to network parameters: it takes gradients with
 respect to a detached copy of the generator's output, which keeps it valid under DeepSpeed ZeRO (where
@@ -101,6 +102,30 @@ def distillation_loss(fake: Tensor, teacher_sample: Tensor, distance: Distance =
                              f"the teacher sample {tuple(teacher_sample.shape)}")
         fake = F.avg_pool2d(fake, factor)
     return distance(fake, teacher_sample.detach())
+
+
+# ------------------------------------------------------------------------------------------------- CLIP
+def clip_loss(images: Tensor, text_embed: Tensor, encode_image: Callable[[Tensor], Tensor],
+              keep: Tensor | None = None) -> Tensor:
+    """CLIP regulariser: mean over kept samples of 1 - cos(encode_image(images_i), text_embed_i).
+
+    `encode_image` maps (B, C, H, W) images in [-1, 1] to the joint CLIP space (a frozen image tower with its own
+    resizing and normalisation, e.g. `models.clip_image.ClipImageEncoder`); `text_embed` (B, D) is the projected
+    text embedding of the same CLIP model (`Condition.text_pooled`, open_clip's `encode_text`), so the cosine is
+    the CLIP score / 100 of each pair. `keep` (B,) bool leaves out samples whose caption was dropped. Gradients
+    reach `images` (the generator) through the tower; the text side is held constant. With nothing kept the loss
+    is an exact 0 that still depends on `images`, so it can be differentiated like any other.
+    """
+    if text_embed.shape[0] != images.shape[0]:
+        raise ValueError(f"clip_loss: {images.shape[0]} images but {text_embed.shape[0]} text embeddings")
+    img = F.normalize(encode_image(images).float(), dim=-1)
+    txt = F.normalize(text_embed.detach().float(), dim=-1)
+    if img.shape[-1] != txt.shape[-1]:
+        raise ValueError(f"clip_loss: image embedding width {img.shape[-1]} vs text embedding width "
+                         f"{txt.shape[-1]}: the image tower must belong to the CLIP model that embedded the captions")
+    distance = 1 - (img * txt).sum(dim=-1)
+    weight = torch.ones_like(distance) if keep is None else keep.to(distance.device, distance.dtype)
+    return (distance * weight).sum() / weight.sum().clamp(min=1)
 
 
 # ------------------------------------------------------------------------------------------------ hinge GAN
@@ -230,9 +255,10 @@ def _weight(g_rec: Tensor, g_gan: Tensor, factor: float, clip: Sequence[float], 
 
 @dataclass
 class GeneratorObjective:
-    """The generator's loss for one step. `loss` has the value rec + weight * gan and, by construction, the gradient
-    g_rec + weight * g_gan with respect to the generator output: backpropagate it (also through a DeepSpeed
-    engine) like any loss. The other fields are detached, for logging."""
+    """The generator's loss for one step. `loss` has the value rec + weight * gan + reg and, by construction, the
+    gradient g_rec + weight * g_gan + g_reg with respect to the generator output: backpropagate it (also through a
+    DeepSpeed engine) like any loss. The other fields are detached, for logging (`reg` is 0 without a
+    regulariser)."""
 
     loss: Tensor
     rec: Tensor
@@ -240,18 +266,23 @@ class GeneratorObjective:
     weight: Tensor
     rec_grad_norm: Tensor
     gan_grad_norm: Tensor
+    reg: Tensor
 
 
 def generator_objective(out: Tensor, rec_fn: Callable[[Tensor], Tensor],
                         gan_fn: Callable[[Tensor], Tensor] | None, *, factor: float = 1.0,
-                        clip: Sequence[float] = (0.01, 10.0), eps: float = 1e-8) -> GeneratorObjective:
-    """rec + adaptive_weight * gan for the generator output `out`, each loss evaluated once.
+                        clip: Sequence[float] = (0.01, 10.0), eps: float = 1e-8,
+                        reg_fn: Callable[[Tensor], Tensor] | None = None) -> GeneratorObjective:
+    """rec + adaptive_weight * gan (+ reg) for the generator output `out`, each loss evaluated once.
 
     rec_fn(o) and gan_fn(o) map an output to a scalar loss (the GAN one typically `g_hinge_loss(D(augment(o)))`,
     with D's parameters frozen during this step); `gan_fn=None` trains reconstruction only (before the GAN starts).
     Both losses run on od = out.detach().requires_grad_(); their gradients w.r.t. od are combined with the weight
     held constant and pushed into the generator through `out` by a linear surrogate. That equals backpropagating
     rec + weight * gan through `out`, without a second discriminator pass and without autograd.grad on parameters.
+
+    reg_fn(o), optional, is a regulariser carrying its own weight (the CLIP term): it is added as it is and kept
+    out of the adaptive weight's ratio, so turning it on does not change how hard the GAN term pushes.
     """
     od = out.detach().requires_grad_()
     rec = rec_fn(od)
@@ -265,7 +296,13 @@ def generator_objective(out: Tensor, rec_fn: Callable[[Tensor], Tensor],
         weight = _weight(g_rec, g_gan, factor, clip, eps)
         g_out = g_rec + weight.to(g_gan.dtype) * g_gan
         g_rec_norm, g_gan_norm = g_rec.float().norm(), g_gan.float().norm()
+    reg = rec.detach().new_zeros(())
+    if reg_fn is not None:
+        reg = reg_fn(od)
+        (g_reg,) = torch.autograd.grad(reg, od)
+        g_out = g_out + g_reg.to(g_out.dtype)
     surrogate = (out * g_out.detach()).sum()
-    value = rec.detach() + weight * gan.detach()
+    value = rec.detach() + weight * gan.detach() + reg.detach()
     loss = surrogate - surrogate.detach() + value  # the real loss's value, the surrogate's gradient
-    return GeneratorObjective(loss, rec.detach(), gan.detach(), weight, g_rec_norm.detach(), g_gan_norm.detach())
+    return GeneratorObjective(loss, rec.detach(), gan.detach(), weight, g_rec_norm.detach(), g_gan_norm.detach(),
+                              reg.detach())

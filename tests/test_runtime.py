@@ -461,7 +461,7 @@ def test_mfu_divides_by_the_best_peak_measured_so_far() -> None:
 
     readings = iter([1e9, 4e9, 2e9])
     telemetry = Telemetry(SoloComm(), stage="teacher", start_nimg=0, total_nimg=100,
-                          peak_flops=lambda quick=False: next(readings), flops_per_step=1e8)
+                          peak_flops=lambda quick=False: next(readings), flops_per_step=1e8, remeasure_peak_s=0)
     assert telemetry.peak_flops == 1e9
     for nimg in (10, 20):
         telemetry.add({"loss": 1.0})

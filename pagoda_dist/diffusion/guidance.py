@@ -49,38 +49,49 @@ class ClassifierFreeGuidance:
     """D_cfg(x, s, c) = D(x, s, null) + w (D(x, s, c) - D(x, s, null)).
 
     Both terms come from one network call on a doubled batch [x; x] with conditions [c; null_cond(c)].
-    w = 1 is the conditional denoiser itself and w = 0 the unconditional one: each costs a single pass.
+    w is one scale for the batch, or a (B,) tensor of per-sample scales (e.g. the targets of a guidance-aware
+    generator, each at its own w). A single w = 1 is the conditional denoiser itself and w = 0 the unconditional
+    one: each costs a single pass; per-sample scales always cost two.
     """
 
     def __init__(
         self,
         denoiser: Denoiser,
-        guidance: float,
+        guidance: float | Tensor,
         null_cond: Callable[[Any], Any] | None,
         cat_cond: Callable[[Any, Any], Any] = concat_conditions,
     ) -> None:
-        if guidance != 1.0 and null_cond is None:
+        per_sample = isinstance(guidance, Tensor) and guidance.ndim > 0
+        if per_sample and guidance.ndim != 1:
+            raise ValueError(f"per-sample guidance must be a (B,) tensor, got shape {tuple(guidance.shape)}")
+        if (per_sample or float(guidance) != 1.0) and null_cond is None:
             raise ValueError(f"guidance={guidance} needs null_cond (a callable cond -> unconditional cond)")
         self.denoiser = denoiser
-        self.guidance = float(guidance)
+        self.guidance: float | Tensor = guidance.detach() if per_sample else float(guidance)
         self.null_cond = null_cond
         self.cat_cond = cat_cond
 
     @property
     def passes_per_call(self) -> int:
         """Network forward passes per image per call (what a fair NFE-per-image figure counts)."""
-        return 1 if self.guidance in (0.0, 1.0) else 2
+        return 1 if not isinstance(self.guidance, Tensor) and self.guidance in (0.0, 1.0) else 2
 
     def __call__(self, x: Tensor, sigma: Tensor, cond: Any) -> Tensor:
-        if self.guidance == 1.0:
+        w = self.guidance
+        if isinstance(w, Tensor):
+            if w.numel() != x.shape[0]:
+                raise ValueError(f"per-sample guidance has {w.numel()} scales for a batch of {x.shape[0]}")
+        elif w == 1.0:
             return self.denoiser(x, sigma, cond)
         null = self.null_cond(cond)
-        if self.guidance == 0.0:
+        if not isinstance(w, Tensor) and w == 0.0:
             return self.denoiser(x, sigma, null)
         sigma = per_sample_sigma(sigma, x).flatten()
         both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), self.cat_cond(cond, null))
         d_cond, d_null = both.chunk(2)
-        return d_null + self.guidance * (d_cond - d_null)
+        if isinstance(w, Tensor):
+            w = w.to(d_cond.device, d_cond.dtype).view(-1, *([1] * (d_cond.ndim - 1)))
+        return d_null + w * (d_cond - d_null)
 
 
 __all__ = ["ClassifierFreeGuidance", "concat_conditions"]

@@ -110,8 +110,11 @@ def integrate(
     return ODEResult(x=x, nfe=nfe, network_evals=nfe * getattr(denoiser, "passes_per_call", 1))
 
 
-def _guided(denoiser: Denoiser, guidance: float, null_cond: Callable[[Any], Any] | None) -> Denoiser:
-    return denoiser if guidance == 1.0 else ClassifierFreeGuidance(denoiser, guidance, null_cond)
+def _guided(denoiser: Denoiser, guidance: float | Tensor, null_cond: Callable[[Any], Any] | None) -> Denoiser:
+    """The denoiser under classifier-free guidance: one scale, or a (B,) tensor of per-sample scales."""
+    if not isinstance(guidance, Tensor) and guidance == 1.0:
+        return denoiser
+    return ClassifierFreeGuidance(denoiser, guidance, null_cond)
 
 
 def sample(
@@ -124,12 +127,13 @@ def sample(
     sigma_min: float = 0.002,
     sigma_max: float = 80.0,
     rho: float = 7.0,
-    guidance: float = 1.0,
+    guidance: float | Tensor = 1.0,
     null_cond: Callable[[Any], Any] | None = None,
     clamp: bool = False,
 ) -> ODEResult:
     """Generate from unit Gaussian `noise`: start at sigma_max * noise, integrate down the `steps`-point Karras grid
-    and a final step to 0 (EDM's num_steps; Heun costs 2 steps - 1 evaluations)."""
+    and a final step to 0 (EDM's num_steps; Heun costs 2 steps - 1 evaluations). `guidance` is the classifier-free
+    guidance scale, one for the batch or a (B,) tensor with one per sample."""
     sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho, append_zero=True)
     guided = _guided(denoiser, guidance, null_cond)
     return integrate(guided, noise * sigma_max, sigmas, cond, solver=solver, clamp=clamp)
@@ -145,7 +149,7 @@ def invert(
     sigma_min: float = 0.002,
     sigma_max: float = 80.0,
     rho: float = 7.0,
-    guidance: float = 1.0,
+    guidance: float | Tensor = 1.0,
     null_cond: Callable[[Any], Any] | None = None,
     clamp: bool = False,
 ) -> ODEResult:

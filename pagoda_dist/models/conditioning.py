@@ -1,4 +1,5 @@
-"""The condition a network sees: a class label, a CLIP text embedding, or nothing.
+"""The condition a network sees: a class label, a CLIP text embedding, or nothing; plus, for a guidance-aware
+one-step generator, the classifier-free guidance scale it should imitate.
 
 One small container so that the UNet, the discriminator, the solvers (classifier-free guidance) and the data
 loader agree on what "the condition" and "no condition" mean.
@@ -21,35 +22,66 @@ class Condition:
     text_pooled:  (B, D) pooled CLIP text embedding.
     text_tokens:  (B, T, D) per-token CLIP text embedding (cross-attention keys and values).
     text_mask:    (B, T) bool, True for real tokens; all False where the text is dropped.
+    guidance:     (B,) float32 classifier-free guidance scale w for a guidance-aware one-step generator (None: w = 1).
+                  Not a condition: dropping the condition keeps it, `is_empty` ignores it, and every network but
+                  such a generator ignores it (the teacher is guided by its sampler, never by this field).
     """
 
     class_labels: Tensor | None = None
     text_pooled: Tensor | None = None
     text_tokens: Tensor | None = None
     text_mask: Tensor | None = None
+    guidance: Tensor | None = None
 
     def _tensors(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
 
     @property
     def is_empty(self) -> bool:
-        return not self._tensors()
+        """True when there is no class or text condition (a guidance scale alone conditions nothing)."""
+        return not any(name != "guidance" for name in self._tensors())
+
+    @property
+    def batch_size(self) -> int | None:
+        """The batch size its tensors share, None when it holds none."""
+        tensors = self._tensors()
+        return next(iter(tensors.values())).shape[0] if tensors else None
 
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Condition:
-        """Moves every tensor; a float dtype applies to the embeddings only (labels and masks keep theirs)."""
+        """Moves every tensor; a float dtype applies to the embeddings only (labels, masks and guidance keep theirs:
+        a guidance scale rounded to bf16 would no longer match the scale the teacher's target was sampled at)."""
         moved = {}
         for name, t in self._tensors().items():
-            moved[name] = t.to(device, dtype) if dtype is not None and t.is_floating_point() else t.to(device)
+            cast = dtype is not None and t.is_floating_point() and name != "guidance"
+            moved[name] = t.to(device, dtype) if cast else t.to(device)
         return replace(self, **moved)
+
+    def with_guidance(self, scale: float | Tensor, batch: int | None = None) -> Condition:
+        """The same condition with guidance scale `scale`: one value for the batch, or a (B,) tensor per sample.
+
+        The batch size comes from the other tensors, or from `batch` when there are none.
+        """
+        b = self.batch_size if batch is None else batch
+        if b is None:
+            raise ValueError("Condition.with_guidance: pass `batch` for a condition without tensors")
+        device = next(iter(self._tensors().values())).device if self._tensors() else None
+        w = torch.as_tensor(scale, dtype=torch.float32, device=device)
+        if w.dim() == 0:
+            w = w.expand(b).clone()
+        if w.shape != (b,):
+            raise ValueError(f"Condition.with_guidance: need one scale or {b} (one per sample), got {tuple(w.shape)}")
+        return replace(self, guidance=w)
 
     def null(self) -> Condition:
         """The same batch with every condition dropped (the unconditional input of guidance)."""
         return self.drop(None)
 
     def drop(self, mask: Tensor | None) -> Condition:
-        """Drops the condition where `mask` (B,) is True; `None` drops it everywhere."""
+        """Drops the condition where `mask` (B,) is True; `None` drops it everywhere. The guidance scale stays."""
         out = {}
         for name, t in self._tensors().items():
+            if name == "guidance":
+                continue
             m = torch.ones(t.shape[0], dtype=torch.bool, device=t.device) if mask is None else mask.to(t.device)
             m = m.view(-1, *([1] * (t.dim() - 1)))
             if name == "class_labels":
@@ -67,6 +99,10 @@ class Condition:
     def cat(conditions: list[Condition]) -> Condition:
         """Concatenates batches along the first dimension (all must carry the same fields)."""
         first = conditions[0]._tensors()
+        for c in conditions[1:]:
+            if c._tensors().keys() != first.keys():
+                raise ValueError(f"Condition.cat: conditions carry different fields, {sorted(first)} vs "
+                                 f"{sorted(c._tensors())}; give every part the same (e.g. a guidance scale)")
         return replace(conditions[0], **{name: torch.cat([c._tensors()[name] for c in conditions]) for name in first})
 
     def repeat(self, times: int) -> Condition:

@@ -7,8 +7,13 @@ blocks at the new resolution. All growth blocks keep the base level's width, so 
 blocks' zero-initialised residual branches, a freshly grown generator applies the head to exactly the nearest-
 upsampled features of the previous stage: roughly its output upsampled, and training adds detail from there.
 
+A guidance-aware generator (text-to-image PaGoDA) also takes the classifier-free guidance scale w it should
+imitate, per sample, as `Condition.guidance` (missing: w = 1, unguided). Its embedding is added to the UNet's
+noise-and-condition embedding and starts at exactly zero, so the teacher copy is unchanged until training moves it.
+
 Names: `net.*` is the teacher's UNet (same names as the teacher under the `net.` prefix), `growth.{k}.{j}` is
-block j of growth step k (0: upsampling). `net.out` is the head.
+block j of growth step k (0: upsampling), `guidance_emb.*` the guidance embedding of a guidance-aware generator.
+`net.out` is the head.
 """
 from __future__ import annotations
 
@@ -20,11 +25,27 @@ from torch import Tensor, nn
 
 from pagoda_dist.config import ModelConfig
 from pagoda_dist.diffusion.edm import SIGMA_DATA, edm_preconditioning, per_sample_sigma
-from pagoda_dist.models.blocks import UNetBlock
+from pagoda_dist.models.blocks import FourierEmbedding, UNetBlock, zero_
 from pagoda_dist.models.conditioning import Condition
 from pagoda_dist.models.unet import UNet
 
 GROWTH_BLOCKS = 3  # per octave: one upsampling block, then two blocks at the new resolution
+
+
+class GuidanceEmbedding(nn.Module):
+    """w (B,) -> (B, 4*channels) added to the UNet's embedding: Fourier features of (w - 1) / 4, then a Linear.
+
+    (w - 1) / 4 puts w = 1 at 0 and a guidance range up to ~8 inside the span FourierEmbedding resolves (it was sized
+    for c_noise in about [-1.6, 1.1]). The Linear is zero-initialised: a new embedding adds exactly 0 for every w.
+    """
+
+    def __init__(self, channels: int, emb_dim: int) -> None:
+        super().__init__()
+        self.fourier = FourierEmbedding(channels)
+        self.proj = zero_(nn.Linear(channels, emb_dim))
+
+    def forward(self, w: Tensor) -> Tensor:
+        return self.proj(self.fourier((w.float() - 1) / 4).to(self.proj.weight.dtype))
 
 
 def copy_matching_weights(dst: nn.Module, src: nn.Module | dict[str, Tensor]) -> list[str]:
@@ -52,6 +73,7 @@ class OneStepGenerator(nn.Module):
         trainable_decoder_blocks: int = 3,
         sigma_max: float = 80.0,
         sigma_data: float = SIGMA_DATA,
+        guidance_input: bool = False,
     ) -> None:
         super().__init__()
         expected = [cfg.resolution * 2 ** (k + 1) for k in range(len(growth_resolutions))]
@@ -65,8 +87,13 @@ class OneStepGenerator(nn.Module):
         self.trainable_decoder_blocks = trainable_decoder_blocks
         self.sigma_max = float(sigma_max)
         self.sigma_data = float(sigma_data)
+        self.guidance_input = bool(guidance_input)
+        if self.guidance_input and not (cfg.num_classes or cfg.text_dim):
+            raise ValueError("a guidance-aware generator needs a conditional model (model.num_classes or "
+                             "model.text_dim): classifier-free guidance steers towards a condition")
         self.net = UNet(cfg)
         width, emb = self.net.out_channels, self.net.emb_dim
+        self.guidance_emb = GuidanceEmbedding(cfg.channels, emb) if self.guidance_input else None
         self.growth = nn.ModuleList([
             nn.ModuleList([UNetBlock(width, width, emb, dropout=cfg.dropout, resample="up" if j == 0 else "none")
                            for j in range(GROWTH_BLOCKS)])
@@ -79,35 +106,41 @@ class OneStepGenerator(nn.Module):
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
     def from_teacher(cls, teacher: UNet, *, sigma_max: float = 80.0, sigma_data: float = SIGMA_DATA,
-                     trainable_decoder_blocks: int = 3) -> OneStepGenerator:
-        """A base-resolution generator whose network is an exact copy of the teacher's."""
+                     trainable_decoder_blocks: int = 3, guidance_input: bool = False) -> OneStepGenerator:
+        """A base-resolution generator whose network is an exact copy of the teacher's (and whose guidance
+        embedding, if any, adds zero: it equals the teacher's raw network at sigma_max for every w)."""
         gen = cls(teacher.cfg, sigma_max=sigma_max, sigma_data=sigma_data,
-                  trainable_decoder_blocks=trainable_decoder_blocks)
+                  trainable_decoder_blocks=trainable_decoder_blocks, guidance_input=guidance_input)
         gen.net.load_state_dict(teacher.state_dict())
         return gen.to(next(teacher.parameters()).device)
 
     @classmethod
     def from_architecture(cls, arch: dict[str, Any]) -> OneStepGenerator:
-        """Rebuilds the generator an `architecture()` dict describes (weights not included)."""
+        """Rebuilds the generator an `architecture()` dict describes (weights not included). Records written before
+        guidance-aware generators existed have no `guidance_input`: they are not guidance-aware."""
         return cls(ModelConfig(**arch["model"]), growth_resolutions=arch["growth_resolutions"],
                    trainable_decoder_blocks=arch["trainable_decoder_blocks"],
-                   sigma_max=arch["sigma_max"], sigma_data=arch["sigma_data"])
+                   sigma_max=arch["sigma_max"], sigma_data=arch["sigma_data"],
+                   guidance_input=arch.get("guidance_input", False))
 
     def grow(self, trainable_decoder_blocks: int | None = None) -> OneStepGenerator:
         """A new generator at twice the resolution: this one's weights copied by name and shape, freeze applied.
 
-        `self` is left untouched (build new optimizers and EMA for the returned module).
+        `self` is left untouched (build new optimizers and EMA for the returned module). A guidance-aware generator
+        grows into one: its guidance embedding is copied and, like every embedding, frozen.
         """
         k = self.trainable_decoder_blocks if trainable_decoder_blocks is None else trainable_decoder_blocks
         grown = OneStepGenerator(self.cfg, growth_resolutions=[*self.growth_resolutions, 2 * self.resolution],
-                                 trainable_decoder_blocks=k, sigma_max=self.sigma_max, sigma_data=self.sigma_data)
+                                 trainable_decoder_blocks=k, sigma_max=self.sigma_max, sigma_data=self.sigma_data,
+                                 guidance_input=self.guidance_input)
         copy_matching_weights(grown, self)
         return grown.to(next(self.parameters()).device)
 
     def apply_freeze_policy(self) -> None:
         """Base stage: everything trains. Grown: only the last decoder blocks, the growth blocks and the head train.
 
-        Frozen: embeddings, encoder, middle and all but the last `trainable_decoder_blocks` decoder entries.
+        Frozen: embeddings (the guidance embedding too), encoder, middle and all but the last
+        `trainable_decoder_blocks` decoder entries.
         """
         grown = bool(self.growth_resolutions)
         n_dec = len(self.net.dec)
@@ -129,9 +162,23 @@ class OneStepGenerator(nn.Module):
     def stage(self) -> str:
         return f"grow-{self.resolution}" if self.growth_resolutions else "distill"
 
+    def guidance_embedding(self, cond: Condition | None, batch: int) -> Tensor | None:
+        """The guidance embedding of `cond.guidance` (w = 1 where absent); None for a generator without one."""
+        if self.guidance_emb is None:
+            return None
+        device = self.guidance_emb.proj.weight.device
+        w = cond.guidance if cond is not None and cond.guidance is not None else torch.ones(batch, device=device)
+        if w.shape != (batch,):
+            raise ValueError(f"Condition.guidance must hold one scale per sample, shape ({batch},), got "
+                             f"{tuple(w.shape)}")
+        return self.guidance_emb(w.to(device))
+
     def features(self, x_in: Tensor, c_noise: Tensor, cond: Condition | None = None) -> Tensor:
-        """Features at `resolution` that feed the head: the UNet's final decoder features, then the growth blocks."""
-        h, emb = self.net.features(x_in, c_noise, cond)
+        """Features at `resolution` that feed the head: the UNet's final decoder features, then the growth blocks.
+
+        A guidance-aware generator adds its guidance embedding to the UNet's; others ignore `cond.guidance`.
+        """
+        h, emb = self.net.features(x_in, c_noise, cond, self.guidance_embedding(cond, x_in.shape[0]))
         for blocks in self.growth:
             for block in blocks:
                 h = block(h, emb)
@@ -146,8 +193,23 @@ class OneStepGenerator(nn.Module):
         return self.raw((c.c_in * z).to(z.dtype), c.c_noise.flatten(), cond)
 
     def architecture(self) -> dict[str, Any]:
-        """Plain-data description stored in checkpoints (see `checkpoint_safety`)."""
-        return {"kind": "one_step_generator", "stage": self.stage, "resolution": self.resolution,
+        """Plain-data description stored in checkpoints (see `checkpoint_safety`).
+
+        `guidance_input` appears only when True, so the records of every other generator stay exactly what they were
+        before the field existed (resuming compares records for equality).
+        """
+        arch = {"kind": "one_step_generator", "stage": self.stage, "resolution": self.resolution,
                 "model": dataclasses.asdict(self.cfg), "growth_resolutions": list(self.growth_resolutions),
                 "trainable_decoder_blocks": self.trainable_decoder_blocks,
                 "sigma_max": self.sigma_max, "sigma_data": self.sigma_data}
+        if self.guidance_input:
+            arch["guidance_input"] = True
+        return arch
+
+
+def with_sampling_guidance(net: nn.Module, cond: Condition, guidance: float) -> Condition:
+    """`cond` for sampling `net`: a guidance-aware generator gets scale `guidance` for every sample (unless `cond`
+    carries its own scales); any other network gets `cond` unchanged."""
+    if not getattr(net, "guidance_input", False) or cond.guidance is not None or cond.is_empty:
+        return cond
+    return cond.with_guidance(guidance)

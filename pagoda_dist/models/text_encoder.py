@@ -11,6 +11,9 @@ Weights are never downloaded. A randomly initialised tower is built only when as
 in whatever they write (`describe()` says so).
 
 `TINY_ARCHS` are small architectures registered with open_clip on first use in each process (tests, CPU demos).
+`create_clip_model` builds the whole open_clip model under these rules; the image tower of the CLIP regulariser
+(`models.clip_image`) and the CLIP-score scorer build theirs with it, so a random image tower is the one that
+belongs to the random text tower.
 """
 from __future__ import annotations
 
@@ -86,6 +89,29 @@ def check_weights_path(weights_path: str | None, random_init: bool, *, key: str 
                                "downloaded: copy an open_clip checkpoint there, or fix the path)")
 
 
+def create_clip_model(arch: str, weights_path: str | None, random_init: bool = False, *,
+                      key: str = "clip_weights") -> nn.Module:
+    """The whole open_clip model `arch` on the CPU, frozen and in eval mode: weights from a local file, or (only
+    with `random_init`) the random model every process builds the same way (seeded, without touching the
+    caller's random state). `key` names the config key in errors."""
+    import open_clip
+
+    check_weights_path(weights_path, random_init, key=key)
+    register_tiny_archs()
+    if arch not in open_clip.list_models():
+        raise TextEncoderError(f"clip_model: unknown open_clip architecture {arch!r}; e.g. ViT-B-32, "
+                               f"ViT-L-14, or one of {sorted(TINY_ARCHS)}")
+    path = None if weights_path is None else str(Path(weights_path).expanduser().absolute())
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)
+            model = open_clip.create_model(arch, pretrained=path, device="cpu")
+    except (RuntimeError, OSError, KeyError, ValueError) as err:
+        raise TextEncoderError(f"{key}: cannot load {path} into open_clip {arch!r} "
+                               f"({type(err).__name__}: {err})") from None
+    return model.requires_grad_(False).eval()
+
+
 class TextEncoder(nn.Module):
     """An open_clip text tower: captions -> `TextEmbedding` (pooled, tokens, mask). Frozen, eval mode."""
 
@@ -93,21 +119,10 @@ class TextEncoder(nn.Module):
         super().__init__()
         import open_clip
 
-        check_weights_path(weights_path, random_init)
-        register_tiny_archs()
-        if arch not in open_clip.list_models():
-            raise TextEncoderError(f"clip_model: unknown open_clip architecture {arch!r}; e.g. ViT-B-32, "
-                                   f"ViT-L-14, or one of {sorted(TINY_ARCHS)}")
+        model = create_clip_model(arch, weights_path, random_init)
         self.arch = arch
         self.weights_path = None if weights_path is None else str(Path(weights_path).expanduser().absolute())
         self.random_init = weights_path is None
-        try:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(RANDOM_INIT_SEED)
-                model = open_clip.create_model(arch, pretrained=self.weights_path, device="cpu")
-        except (RuntimeError, OSError, KeyError, ValueError) as err:
-            raise TextEncoderError(f"clip_weights: cannot load {self.weights_path} into open_clip {arch!r} "
-                                   f"({type(err).__name__}: {err})") from None
         tower = getattr(model, "text", None)
         if tower is None:  # plain CLIP keeps the text tower's parts on the model itself
             tower = model
@@ -185,4 +200,4 @@ class TextEncoder(nn.Module):
 
 
 __all__ = ["TINY_ARCHS", "TextEmbedding", "TextEncoder", "TextEncoderError", "check_weights_path",
-           "known_archs", "register_tiny_archs"]
+           "create_clip_model", "known_archs", "register_tiny_archs"]

@@ -125,14 +125,21 @@ class UNet(nn.Module):
         return cond.text_tokens, cond.text_mask
 
     # ------------------------------------------------------------------------------------------------ forward
-    def features(self, x: Tensor, c_noise: Tensor, cond: Condition | None = None) -> tuple[Tensor, Tensor]:
-        """Final decoder features at the input resolution (before the head) and the embedding."""
+    def features(self, x: Tensor, c_noise: Tensor, cond: Condition | None = None,
+                 extra_emb: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Final decoder features at the input resolution (before the head) and the embedding.
+
+        extra_emb: (B, 4*channels) added to the embedding, for inputs the teacher does not have (the one-step
+        generator's guidance scale); the UNet's own parameters and names are the same with or without it.
+        """
         cond = Condition() if cond is None else cond
         if x.shape[-1] != self.cfg.resolution or x.shape[-2] != self.cfg.resolution:
             raise ValueError(f"UNet built for {self.cfg.resolution}px (model.resolution) got input {tuple(x.shape)}")
         if self.cfg.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         emb = self.embed(c_noise, cond, x.shape[0])
+        if extra_emb is not None:
+            emb = emb + extra_emb.to(emb.dtype)
         tokens, mask = self._text_tokens(cond)
 
         h = self.enc[0](x)

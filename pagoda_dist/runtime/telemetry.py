@@ -43,13 +43,15 @@ class Telemetry:
 
     def __init__(self, comm: Comm | SoloComm, *, stage: str, start_nimg: int, total_nimg: int,
                  peak_flops: Callable[..., float] | None = None, flops_per_step: float | None = None,
-                 count_flops: bool = False,
+                 count_flops: bool = False, remeasure_peak_s: float = 60.0,
                  wandb_run: Any = None, jsonl: Path | None = None) -> None:
         self.comm = comm
         self.stage = stage
         self.total_nimg = total_nimg
         self._measure_peak = peak_flops  # measure_peak(quick=...) -> FLOP/s
         self.peak_flops = peak_flops() if peak_flops is not None else None
+        self._remeasure_peak_s = remeasure_peak_s  # at most this often: each measurement takes the core ~0.1 s
+        self._peak_measured = time.perf_counter()
         self.wandb_run = wandb_run
         self.jsonl = jsonl  # rank 0 appends every record here (a restart's replayed steps appear again)
         self.flops_per_step = flops_per_step  # per rank and optimizer step; counted once, then carried along
@@ -84,8 +86,6 @@ class Telemetry:
                                     "sec_per_kimg": seconds / max(images, 1) * 1000.0}
         peaks = self.comm.gather(_peak_memory_mb())  # the largest rank's peak: what each worker's machine must hold
         record.update({key: max(p[key] for p in peaks) for key in peaks[0]})
-        if self._measure_peak is not None:
-            self.peak_flops = max(self.peak_flops or 0.0, self._measure_peak(quick=True))
         if self.flops_per_step is not None and self.peak_flops and self._steps:
             per_rank = self.flops_per_step * self._steps / seconds
             record["tflops_per_rank"] = per_rank / 1e12
@@ -101,7 +101,16 @@ class Telemetry:
                     f.write(json.dumps(record) + "\n")
         self._sums, self._steps = {}, 0
         self._last_nimg, self._last_time = nimg, now
+        self._maybe_remeasure_peak()
         return record
+
+    def _maybe_remeasure_peak(self) -> None:
+        """Measures the peak again (keeping the best: a busy machine reads low) and leaves the measurement out of
+        the next window's time, so the instrument does not lower the throughput it reports."""
+        if self._measure_peak is None or time.perf_counter() - self._peak_measured < self._remeasure_peak_s:
+            return
+        self.peak_flops = max(self.peak_flops or 0.0, self._measure_peak(quick=True))
+        self._peak_measured = self._last_time = time.perf_counter()
 
     def _line(self, r: dict[str, float]) -> str:
         rate = r["images_per_s"]

@@ -137,6 +137,9 @@ def train_stage(cfg: Config, stage_factory: Callable[[Config], Stage], data_fact
 
     from .ray_backend import PreemptibleTorchConfig, start_stop_relay
 
+    # Ray Train re-routes a worker's print() into its logger and, when anything has wrapped sys.stdout, also prints
+    # it: every progress line then reached the driver twice. Plain prints still land in each worker's log file.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     rt = cfg.runtime
     relay = start_stop_relay()
     job = WorkerJob(cfg, stage_name, stage_factory, data_factory, run_url, str(local), worker_env(cfg), relay)

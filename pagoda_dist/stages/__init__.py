@@ -38,19 +38,23 @@ def build_teacher(cfg: Config) -> TeacherStage:
 
 
 def build_distill(cfg: Config, teacher_export: dict[str, Any]) -> AdversarialStage:
-    """The base-resolution one-step generator, initialised as a copy of the teacher's EMA network."""
+    """The base-resolution one-step generator, initialised as a copy of the teacher's EMA network (guidance-aware
+    when `distill.adversarial.guidance_range` is set)."""
     check_architecture(UNet(cfg.model).architecture(), teacher_export["architecture"], source="teacher export")
     teacher = network_from_export(teacher_export, source="teacher export")
     d = cfg.diffusion
-    generator = OneStepGenerator.from_teacher(teacher, sigma_max=d.sigma_max, sigma_data=d.sigma_data,
-                                              trainable_decoder_blocks=cfg.grow.trainable_decoder_blocks)
     adv = cfg.distill.adversarial
+    generator = OneStepGenerator.from_teacher(teacher, sigma_max=d.sigma_max, sigma_data=d.sigma_data,
+                                              trainable_decoder_blocks=cfg.grow.trainable_decoder_blocks,
+                                              guidance_input=bool(adv.guidance_range))
     teacher_sample = None
     if adv.distill_loss_weight > 0:
-        teacher_stage = TeacherStage(cfg, teacher.requires_grad_(False))
+        teacher_stage = TeacherStage(cfg, teacher.requires_grad_(False).eval())
 
         def teacher_sample(noise: Tensor, cond: Condition) -> Tensor:
-            return teacher_stage.sample(teacher_stage.net, noise, cond)
+            """The teacher's sample from `noise`, guided at `cond.guidance` per sample (else teacher.sampler's)."""
+            net = teacher_stage.net.to(noise.device)  # the runtime moves trainable networks only; a no-op after once
+            return teacher_stage.sample(net, noise, cond, guidance=cond.guidance)
 
     return AdversarialStage(cfg, "distill", generator, adv, cfg.distill.train.optimizer, teacher_sample)
 

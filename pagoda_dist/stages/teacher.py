@@ -46,10 +46,18 @@ class TeacherStage:
         return {"loss": loss.item()}
 
     @torch.no_grad()
-    def sample(self, net: nn.Module, noise: Tensor, condition: Condition) -> Tensor:
-        """The teacher's PF-ODE sampler (teacher.sampler settings, with classifier-free guidance)."""
+    def sample(self, net: nn.Module, noise: Tensor, condition: Condition,
+               guidance: float | Tensor | None = None) -> Tensor:
+        """The teacher's PF-ODE sampler (teacher.sampler settings, with classifier-free guidance).
+
+        guidance: the scale, one for the batch or a (B,) tensor with one per sample; None: teacher.sampler.guidance.
+        An empty condition samples unguided.
+        """
         s, d = self.cfg.teacher.sampler, self.cfg.diffusion
-        guidance = s.guidance if not condition.is_empty else 1.0
+        if condition.is_empty:
+            guidance = 1.0
+        elif guidance is None:
+            guidance = s.guidance
         result = sample(self.denoiser(net), noise, condition, solver=s.solver, steps=s.steps, sigma_min=d.sigma_min,
                         sigma_max=d.sigma_max, rho=d.rho, guidance=guidance, null_cond=Condition.null, clamp=s.clamp)
         return result.x.clamp(-1, 1)
