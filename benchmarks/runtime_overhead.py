@@ -8,13 +8,18 @@ Both sides train the same network (the teacher UNet of --config, unconditional s
 with the same loss and the same per-worker batch on this machine, in one run:
 
 - bare: one process, one thread, `TeacherStage.train_step` with plain torch optimizers on real tiles held in memory;
+- bare x N: --workers copies of that bare loop in separate processes at the same time, one per core. This is the
+  control that isolates the runtime: the runtime keeps every core busy at once, and a machine whose cores share
+  caches, memory bandwidth or a physical core (SMT) runs each busy core slower than a lone one;
 - runtime: `train_stage` with --workers Ray Train workers (one CPU each), one DeepSpeed engine each, the tiles
   streamed from WebDataset shards in a fresh bucket of an embedded S3 server (decoded and downsampled on the fly),
   EMA, telemetry; no checkpoint or sample grid inside the timed windows.
 
 Rates are medians over timing windows of --window-steps optimizer steps after --warmup-steps; the runtime's come
 from its own per-window log records. "per core" divides the runtime's rate by the workers (each holds one core),
-so the ratio runtime-per-core / bare is the overhead figure (goal >= 0.9).
+so the ratio runtime-per-core / bare is the overhead figure the goal names (>= 0.9); runtime-per-core / bare-x-N
+(per process) is the same figure with the machine's own multi-core slowdown taken out: what Ray Train, DeepSpeed
+and streaming cost.
 
 The two sides are interleaved, bare - runtime - bare - runtime - ... - bare, --rounds runtime measurements per ZeRO
 stage: each runtime rate is divided by the mean of the bare rates measured just before and just after it, so a
@@ -68,6 +73,29 @@ def bare_rate(cfg, images, *, batch: int, warmup: int, windows: int, window_step
         return statistics.median(rates)
     finally:
         torch.set_num_threads(threads)
+
+
+def _bare_rate_at(start_at: float, cfg, images, kwargs: dict) -> float:
+    """bare_rate in a child process, its timed windows starting at wall time `start_at` (so the copies overlap)."""
+    import torch
+
+    torch.manual_seed(0)
+    delay = start_at - time.time()
+    if delay < 0:
+        raise RuntimeError(f"a bare copy was ready {-delay:.1f} s after the common start; raise the start delay")
+    time.sleep(delay)
+    return bare_rate(cfg, images, **kwargs)
+
+
+def concurrent_bare_rate(cfg, images, copies: int, start_delay_s: float = 20.0, **kwargs) -> float:
+    """Median per-process images/s of `copies` bare loops running at the same time, one process (one thread) each."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    start_at = time.time() + start_delay_s  # covers spawning the processes and importing torch in each
+    with ProcessPoolExecutor(copies, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_bare_rate_at, start_at, cfg, images.cpu(), kwargs) for _ in range(copies)]
+        return statistics.median(f.result() for f in futures)
 
 
 def runtime_rate(cfg, *, warmup_windows: int) -> tuple[float, dict[str, float]]:
@@ -150,33 +178,42 @@ def main() -> None:
                     f"logging.log_every_kimg={window_kimg}", f"logging.checkpoint_every_kimg={10 * total_kimg}",
                     f"logging.sample_every_kimg={10 * total_kimg}", "logging.wandb_mode=disabled"])
 
+            n = args.workers
             print(f"{'ZeRO':>4} {'round':>5} {'runtime img/s':>13} {'per core':>9} {'bare before/after':>17} "
-                  f"{'drift':>6} {'ratio':>6} {'peak RSS/rank MiB':>17}"
-                  + (f" {'peak GPU/rank MiB':>17}" if args.gpu else ""), flush=True)
+                  f"{'drift':>6} {'ratio':>6} {f'bare x{n} before/after':>20} {f'ratio x{n}':>8} "
+                  f"{'peak RSS/rank MiB':>17}" + (f" {'peak GPU/rank MiB':>17}" if args.gpu else ""), flush=True)
+            timing = dict(batch=args.batch, warmup=args.warmup_steps, windows=args.windows,
+                          window_steps=args.window_steps)
 
-            def measure_bare() -> float:
-                return bare_rate(base, images, batch=args.batch, warmup=args.warmup_steps, windows=args.windows,
-                                 window_steps=args.window_steps)
+            def measure_bare() -> tuple[float, float]:
+                """(one bare loop alone, per-process median of --workers bare loops at once); the latter is only
+                measured on the CPU, where the workers share this machine's cores."""
+                alone = bare_rate(base, images, **timing)
+                together = concurrent_bare_rate(base, images, n, **timing) if not args.gpu and n > 1 else alone
+                return alone, together
 
-            summary = []
-            bare_before = measure_bare()
+            summary: dict[int, tuple[list[float], list[float]]] = {}
+            before = measure_bare()
             for zero in args.zero:
-                ratios = []
+                ratios, ratios_n = summary.setdefault(zero, ([], []))
                 for round_index in range(args.rounds):
                     rate, peaks = runtime_rate(runtime_config(zero), warmup_windows=warmup_windows)
-                    bare_after = measure_bare()
-                    per_core = rate / args.workers
-                    ratio = per_core / ((bare_before + bare_after) / 2)
-                    ratios.append(ratio)
+                    after = measure_bare()
+                    per_core = rate / n
+                    ratios.append(per_core / ((before[0] + after[0]) / 2))
+                    ratios_n.append(per_core / ((before[1] + after[1]) / 2))
                     line = (f"{zero:>4} {round_index + 1:>5} {rate:>13.1f} {per_core:>9.1f} "
-                            f"{f'{bare_before:.1f}/{bare_after:.1f}':>17} {bare_after / bare_before - 1:>+6.0%} "
-                            f"{ratio:>6.2f} {peaks.get('peak_rss_mb', float('nan')):>17.0f}")
+                            f"{f'{before[0]:.1f}/{after[0]:.1f}':>17} {after[0] / before[0] - 1:>+6.0%} "
+                            f"{ratios[-1]:>6.2f} {f'{before[1]:.1f}/{after[1]:.1f}':>20} {ratios_n[-1]:>8.2f} "
+                            f"{peaks.get('peak_rss_mb', float('nan')):>17.0f}")
                     if args.gpu:
                         line += f" {peaks.get('peak_gpu_mb', float('nan')):>17.0f}"
                     print(line, flush=True)
-                    bare_before = bare_after
-                summary.append(f"ZeRO-{zero} {statistics.median(ratios):.2f}x")
-            print(f"\nmedian runtime-per-core / bare over {args.rounds} round(s): {', '.join(summary)} (goal >= 0.90x)")
+                    before = after
+            print(f"\nmedian over {args.rounds} round(s), runtime per core vs one bare loop alone / vs {n} bare loops at "
+                  "once (goal >= 0.90x):")
+            for zero, (ratios, ratios_n) in summary.items():
+                print(f"  ZeRO-{zero}: {statistics.median(ratios):.2f}x / {statistics.median(ratios_n):.2f}x")
             bare_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             print(f"\nbare loop process peak RSS {bare_rss:.0f} MiB (includes the benchmark's own set-up); "
                   f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")

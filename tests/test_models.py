@@ -205,13 +205,24 @@ def test_grow_doubles_resolution_twice_and_starts_near_the_upsampled_output() ->
         out16, out32 = g16(z, cond), g32(z, cond)
     assert out16.shape == (2, 3, 16, 16) and out32.shape == (2, 3, 32, 32)
     assert (g16.stage, g32.stage, g32.growth_resolutions) == ("grow-16", "grow-32", [16, 32])
-    # new blocks start as identities: the head sees exactly the previous stage's features, upsampled
-    x_in, c_noise = z / math.sqrt(80.0**2 + 0.25), c_noise_of(80.0, 2)
+    # new heads start at zero: each octave outputs exactly the bicubic upsampling of the octave below
     with torch.no_grad():
-        h8, h32 = gen.features(x_in, c_noise, cond), g32.features(x_in, c_noise, cond)
-    torch.testing.assert_close(h32, F.interpolate(h8, scale_factor=4, mode="nearest"), rtol=0, atol=1e-6)
+        out8 = gen(z, cond)
+    up = lambda x: F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False)  # noqa: E731
+    torch.testing.assert_close(out16, up(out8), rtol=0, atol=1e-5)
+    torch.testing.assert_close(out32, up(up(out8)), rtol=0, atol=1e-5)
     assert len(gen.growth) == 0 and len(g16.growth) == 1  # grow() returns a new module, self is unchanged
 
+
+
+def test_a_generator_grown_before_residual_heads_is_refused_by_name() -> None:
+    """Grown exports from the earlier layout (base head on upsampled features) name the field that differs."""
+    _, gen = grown_pair()
+    payload = checkpoint_payload(gen.grow())
+    del payload["architecture"]["growth_output"]
+    with pytest.raises(ArchitectureMismatchError, match="growth_output: checkpoint '<absent>'"):
+        load_checked(gen.grow(), payload)
+    load_checked(gen, checkpoint_payload(gen))  # distilled generators keep their records: they still grow
 
 def test_grow_copies_matching_weights() -> None:
     _, gen = grown_pair()
@@ -233,7 +244,7 @@ def test_freeze_policy_and_optimizer_step() -> None:
     trainable = {n for n, p in g16.named_parameters() if p.requires_grad}
     n_dec = len(g16.net.dec)
     for name, p in g16.named_parameters():
-        should_train = (name.startswith(("growth.", "net.out."))
+        should_train = (name.startswith(("growth.", "growth_heads.", "net.out."))
                         or any(name.startswith(f"net.dec.{i}.") for i in range(n_dec - 2, n_dec)))
         assert p.requires_grad == should_train, name
     assert any(n.startswith("net.dec.") for n in trainable) and not any(n.startswith("net.enc.") for n in trainable)
@@ -254,7 +265,7 @@ def test_trainable_decoder_blocks_zero_keeps_only_new_parts() -> None:
     _, gen = grown_pair()
     g16 = gen.grow(trainable_decoder_blocks=0)
     names = {n.split(".")[0] + "." + n.split(".")[1] for n, p in g16.named_parameters() if p.requires_grad}
-    assert names == {"growth.0", "net.out"}
+    assert names == {"growth.0", "growth_heads.0", "net.out"}
 
 
 def test_generator_channels_last_growth_matches_contiguous() -> None:

@@ -161,6 +161,29 @@ def test_committed_children_order_and_broken_sets(root: str) -> None:
     assert storage.verify(storage.join(parent, "step-12")) == ["w.bin is missing"]
 
 
+def test_a_failing_store_is_not_taken_for_a_missing_commit(root: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A marker that cannot be read because the store keeps failing must raise, not make the newest checkpoint look
+    uncommitted (a resume would then quietly start from an older one)."""
+    from pagoda_dist.storage import commit
+
+    parent = storage.join(root, "runs")
+    for step in (1, 2):
+        storage.write_committed(storage.join(parent, f"step-{step}"), {"w.bin": b"x"})
+    real_read = commit.read_bytes
+
+    def flaky(url: str) -> bytes:
+        if url.startswith(storage.join(parent, "step-2")):
+            raise storage.StorageUnavailable(f"{url}: kept failing (S3 error InternalError)", url=url)
+        return real_read(url)
+
+    monkeypatch.setattr(commit, "read_bytes", flaky)
+    with pytest.raises(storage.StorageUnavailable, match="InternalError"):
+        storage.latest_committed(parent)
+    monkeypatch.setattr(commit, "read_bytes", real_read)
+    storage.write_bytes(storage.join(parent, "step-2", storage.COMMIT_MARKER), b"{not json")  # a broken marker
+    assert storage.latest_committed(parent) == storage.join(parent, "step-1")  # is skipped, with a warning
+
+
 def test_recommit_is_refused(root: str) -> None:
     prefix = storage.join(root, "set")
     storage.write_committed(prefix, {"a": b"1"})

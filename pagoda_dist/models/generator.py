@@ -1,19 +1,24 @@
 """PaGoDA's growable one-step generator G(z, cond), initialised from the teacher UNet.
 
 At the base resolution G(z) = F(c_in(sigma_max) z, c_noise(sigma_max), cond): the teacher's raw network at
-sigma_max, no skip mixing (PaGoDA). Each growth step (`grow`) doubles the output resolution by inserting, between
-the last base-resolution decoder features and the output head, one upsampling residual block and two residual
-blocks at the new resolution. All growth blocks keep the base level's width, so the head is reused: with the new
-blocks' zero-initialised residual branches, a freshly grown generator applies the head to exactly the nearest-
-upsampled features of the previous stage: roughly its output upsampled, and training adds detail from there.
+sigma_max, no skip mixing (PaGoDA). Each growth step (`grow`) doubles the output resolution: one upsampling
+residual block and two residual blocks at the new resolution continue from the previous octave's features, and a
+new output head turns them into a residual image added to the bicubic upsampling of the previous octave's image:
+
+    out_0 = head(h_0),   h_k = growth_k(h_(k-1)),   out_k = bicubic_x2(out_(k-1)) + head_k(h_k)
+
+Every new head starts at zero, so a freshly grown generator outputs exactly the bicubic upsampling of the stage
+below (the baseline growth must beat) and training adds the detail. (Applying the base head to upsampled features
+instead leaves its zero padding one feature row off what the base network learned to compensate: a bright frame
+along every border.)
 
 A guidance-aware generator (text-to-image PaGoDA) also takes the classifier-free guidance scale w it should
 imitate, per sample, as `Condition.guidance` (missing: w = 1, unguided). Its embedding is added to the UNet's
 noise-and-condition embedding and starts at exactly zero, so the teacher copy is unchanged until training moves it.
 
 Names: `net.*` is the teacher's UNet (same names as the teacher under the `net.` prefix), `growth.{k}.{j}` is
-block j of growth step k (0: upsampling), `guidance_emb.*` the guidance embedding of a guidance-aware generator.
-`net.out` is the head.
+block j of growth step k (0: upsampling), `growth_heads.{k}` its output head, `guidance_emb.*` the guidance
+embedding of a guidance-aware generator. `net.out` is the base head.
 """
 from __future__ import annotations
 
@@ -21,15 +26,17 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pagoda_dist.config import ModelConfig
 from pagoda_dist.diffusion.edm import SIGMA_DATA, edm_preconditioning, per_sample_sigma
-from pagoda_dist.models.blocks import FourierEmbedding, UNetBlock, zero_
+from pagoda_dist.models.blocks import FourierEmbedding, OutputHead, UNetBlock, zero_
 from pagoda_dist.models.conditioning import Condition
 from pagoda_dist.models.unet import UNet
 
 GROWTH_BLOCKS = 3  # per octave: one upsampling block, then two blocks at the new resolution
+GROWTH_OUTPUT = "bicubic+residual"  # each octave: bicubic x2 of the image below plus its own head's residual
 
 
 class GuidanceEmbedding(nn.Module):
@@ -99,8 +106,10 @@ class OneStepGenerator(nn.Module):
                            for j in range(GROWTH_BLOCKS)])
             for _ in self.growth_resolutions
         ])
+        self.growth_heads = nn.ModuleList([OutputHead(width, cfg.in_channels) for _ in self.growth_resolutions])
         if cfg.channels_last:
             self.growth.to(memory_format=torch.channels_last)
+            self.growth_heads.to(memory_format=torch.channels_last)
         self.apply_freeze_policy()
 
     # ------------------------------------------------------------------------------------------ construction
@@ -151,6 +160,7 @@ class OneStepGenerator(nn.Module):
             for i in range(first_trainable, n_dec):
                 self.net.dec[i].requires_grad_(True)
             self.growth.requires_grad_(True)
+            self.growth_heads.requires_grad_(True)
             self.net.out.requires_grad_(True)
 
     # --------------------------------------------------------------------------------------------- forward
@@ -173,20 +183,18 @@ class OneStepGenerator(nn.Module):
                              f"{tuple(w.shape)}")
         return self.guidance_emb(w.to(device))
 
-    def features(self, x_in: Tensor, c_noise: Tensor, cond: Condition | None = None) -> Tensor:
-        """Features at `resolution` that feed the head: the UNet's final decoder features, then the growth blocks.
+    def raw(self, x_in: Tensor, c_noise: Tensor, cond: Condition | None = None) -> Tensor:
+        """The network F with the growth octaves: base-resolution input, output at `resolution` (see the module doc).
 
         A guidance-aware generator adds its guidance embedding to the UNet's; others ignore `cond.guidance`.
         """
         h, emb = self.net.features(x_in, c_noise, cond, self.guidance_embedding(cond, x_in.shape[0]))
-        for blocks in self.growth:
+        out = self.net.out(h)
+        for blocks, head in zip(self.growth, self.growth_heads):
             for block in blocks:
                 h = block(h, emb)
-        return h
-
-    def raw(self, x_in: Tensor, c_noise: Tensor, cond: Condition | None = None) -> Tensor:
-        """The network F with the growth blocks: base-resolution input, output at `resolution`."""
-        return self.net.out(self.features(x_in, c_noise, cond)).contiguous()
+            out = F.interpolate(out, scale_factor=2, mode="bicubic", align_corners=False) + head(h)
+        return out.contiguous()
 
     def forward(self, z: Tensor, cond: Condition | None = None) -> Tensor:
         c = edm_preconditioning(per_sample_sigma(self.sigma_max, z), self.sigma_data)
@@ -196,7 +204,9 @@ class OneStepGenerator(nn.Module):
         """Plain-data description stored in checkpoints (see `checkpoint_safety`).
 
         `guidance_input` appears only when True, so the records of every other generator stay exactly what they were
-        before the field existed (resuming compares records for equality).
+        before the field existed (resuming compares records for equality). Grown generators record their output
+        layout (`growth_output`): one grown before the residual heads existed then fails to load with that field
+        named, instead of a list of missing weights; distilled generators are unaffected and grow as they are.
         """
         arch = {"kind": "one_step_generator", "stage": self.stage, "resolution": self.resolution,
                 "model": dataclasses.asdict(self.cfg), "growth_resolutions": list(self.growth_resolutions),
@@ -204,6 +214,8 @@ class OneStepGenerator(nn.Module):
                 "sigma_max": self.sigma_max, "sigma_data": self.sigma_data}
         if self.guidance_input:
             arch["guidance_input"] = True
+        if self.growth_resolutions:
+            arch["growth_output"] = GROWTH_OUTPUT
         return arch
 
 

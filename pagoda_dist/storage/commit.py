@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
 
-from .errors import AlreadyCommitted, NotCommitted, ObjectNotFound, StorageError
+from .errors import (AccessDenied, AlreadyCommitted, BucketNotFound, EndpointUnreachable, NotCommitted, ObjectNotFound,
+                     StorageError, StorageUnavailable)
 from .ops import copy_file, exists, list_files, read_bytes, remove, write_bytes
 from .urls import join
 
@@ -247,7 +248,10 @@ def committed_children(parent_url: str, verify_parts: bool = True) -> list[str]:
         url = join(parent_url, child)
         try:
             info = read_commit(url)
-        except StorageError as exc:
+        except (StorageUnavailable, EndpointUnreachable, AccessDenied, BucketNotFound):
+            # The store failed, not the set: skipping it would quietly resume from an older checkpoint.
+            raise
+        except StorageError as exc:  # an unreadable or vanished marker: this set is broken
             log.warning("skipping %s: %s", url, exc)
             continue
         problems = info.problems(present) if verify_parts else []

@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .errors import StorageError
 
@@ -129,6 +130,18 @@ def _write_private(path: Path, text: str) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def _read_one_object(client: Any, buckets: list[dict[str, Any]]) -> None:
+    """Reads the first byte of one stored object, if there is any. After a restart the gateway lists buckets a
+    moment before the volume server has registered its volumes, and reads of existing data fail (InternalError)
+    until then: "ready" must mean that stored data can be read."""
+    for bucket in buckets:
+        contents = client.list_objects_v2(Bucket=bucket["Name"], MaxKeys=5).get("Contents", [])
+        for obj in contents:
+            if obj.get("Size", 0) > 0:
+                client.get_object(Bucket=bucket["Name"], Key=obj["Key"], Range="bytes=0-0")["Body"].read()
+                return
 
 
 class LocalS3Server:
@@ -328,7 +341,8 @@ class LocalS3Server:
                 raise LocalS3Error(f"the local S3 server exited at start (code {self._proc.returncode}); its log "
                                    f"{self.log_file} ends with:\n{self._log_tail()}", endpoint=self.endpoint)
             try:
-                client.list_buckets()  # signed: proves the S3 gateway, the filer and the credentials all work
+                buckets = client.list_buckets()["Buckets"]  # signed: the gateway, the filer and the credentials work
+                _read_one_object(client, buckets)
                 return
             except Exception as exc:  # noqa: BLE001 - anything means "not yet"; the deadline bounds it
                 last = type(exc).__name__
