@@ -41,12 +41,6 @@ class Condition:
         """True when there is no class or text condition (a guidance scale alone conditions nothing)."""
         return not any(name != "guidance" for name in self._tensors())
 
-    @property
-    def batch_size(self) -> int | None:
-        """The batch size its tensors share, None when it holds none."""
-        tensors = self._tensors()
-        return next(iter(tensors.values())).shape[0] if tensors else None
-
     def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Condition:
         """Moves every tensor; a float dtype applies to the embeddings only (labels, masks and guidance keep theirs:
         a guidance scale rounded to bf16 would no longer match the scale the teacher's target was sampled at)."""
@@ -61,11 +55,11 @@ class Condition:
 
         The batch size comes from the other tensors, or from `batch` when there are none.
         """
-        b = self.batch_size if batch is None else batch
+        tensors = list(self._tensors().values())
+        b = (tensors[0].shape[0] if tensors else None) if batch is None else batch
         if b is None:
             raise ValueError("Condition.with_guidance: pass `batch` for a condition without tensors")
-        device = next(iter(self._tensors().values())).device if self._tensors() else None
-        w = torch.as_tensor(scale, dtype=torch.float32, device=device)
+        w = torch.as_tensor(scale, dtype=torch.float32, device=tensors[0].device if tensors else None)
         if w.dim() == 0:
             w = w.expand(b).clone()
         if w.shape != (b,):
