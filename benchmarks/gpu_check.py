@@ -86,6 +86,8 @@ def make_config(args: argparse.Namespace) -> Any:
         "runtime.precision": args.precision, "runtime.use_gpu": str(args.device == "cuda").lower(),
         "precompute.steps": args.inversion_points,
     }
+    if args.channels_last is not None:  # else the run config's choice for the device (contiguous on CUDA)
+        overrides["model.channels_last"] = str(args.channels_last).lower()
     return load_config(None, [f"{k}={v}" for k, v in overrides.items()])
 
 
@@ -287,6 +289,8 @@ def main() -> int:
     parser.add_argument("--channels", type=int, default=64)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    parser.add_argument("--channels-last", type=lambda v: v.lower() in ("1", "true", "yes"), default=None,
+                        help="model.channels_last true/false (default: the config's choice for the device)")
     parser.add_argument("--zero-stage", type=int, default=2)
     parser.add_argument("--inversion-points", type=int, default=40, help="Karras points of the inversion grid")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first and the counted one")

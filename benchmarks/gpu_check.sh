@@ -2,13 +2,15 @@
 # One prepared GPU check for a lent single-GPU machine (H100/H200, no internet), ~4-6 minutes in all:
 #   nvidia-smi and torch/CUDA/DeepSpeed info; each stage (teacher, precompute inversion, distil, grow) for a few
 #   steps in bf16 under a single-process DeepSpeed ZeRO-2 engine with images/s and MFU (benchmarks/gpu_check.py);
-#   then benchmarks/unet_throughput.py on CUDA (fp32/bf16, channels-last or not; torch.compile at 64 px).
+#   then benchmarks/unet_throughput.py on CUDA (fp32/bf16, channels-last or not; torch.compile at 64 px), and
+#   benchmarks/unet_vs_reference.py on CUDA when a copy of the reference's cm/ is at $REFERENCE_PATH (.ref_pagoda).
 # Every part runs in its own process under its own timeout, so one failure or hang does not lose the others.
 # Results are printed; with $OUT set, also written there: gpu_check.jsonl (one JSON row per result),
 # unet_throughput_cuda*.json, and the whole log gpu_check.log.
 #
 #   bash benchmarks/gpu_check.sh                 # from the repository root (uses .venv/bin/python if present)
 #   BATCH=64 RES=32 bash benchmarks/gpu_check.sh # smaller; PYTHON=... to pick another interpreter
+#   BUDGET=400 bash benchmarks/gpu_check.sh      # parts shrink or are skipped to end within 400 s
 #
 # The lent machines' image has python3 with torch (2.11 when last read; constraints.txt pins 2.14.1), triton,
 # numpy, yaml, fsspec, einops, msgpack, psutil, tqdm, ninja - but not DeepSpeed and its pydantic/hjson, and there
@@ -33,6 +35,8 @@ fi
 [ -d "$ROOT/.gpu_pydeps" ] && export PYTHONPATH="$ROOT/.gpu_pydeps${PYTHONPATH:+:$PYTHONPATH}"
 RES="${RES:-64}"
 BATCH="${BATCH:-128}"
+BUDGET="${BUDGET:-0}"                            # seconds for the whole check (0: no limit); parts shrink to fit
+REFERENCE_PATH="${REFERENCE_PATH:-$ROOT/.ref_pagoda}"  # a copy of sony/pagoda's cm/ for unet_vs_reference
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-$ROOT/.cache/torch_extensions}"
 export DS_ACCELERATOR=cuda WANDB_MODE=disabled RAY_USAGE_STATS_ENABLED=0
 OUTDIR="${OUT:-}"
@@ -57,9 +61,15 @@ nvidia-smi
 nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,power.limit,driver_version --format=csv
 
 FAILED=()
+SKIPPED=()
 part() {  # part NAME SECONDS COMMAND...: run with a timeout, record failures, never stop the script
   local name="$1" limit="$2"; shift 2
   local t0=$SECONDS
+  if [ "$BUDGET" -gt 0 ]; then  # never run past the whole check's budget: the summary must still print
+    local left=$((BUDGET - SECONDS - 10))
+    if [ "$left" -lt 20 ]; then echo; echo "== $name: skipped, ${left}s of BUDGET=${BUDGET}s left"; SKIPPED+=("$name"); return; fi
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   echo; echo "== $name (timeout ${limit}s)"
   timeout --kill-after=15 "$limit" "$@"
   local rc=$?
@@ -76,12 +86,20 @@ UT_JSON=()
 [ -n "$OUTDIR" ] && UT_JSON=(--json "$OUTDIR/unet_throughput_cuda.json")
 part unet_throughput_eager 150 "$PY" benchmarks/unet_throughput.py --device cuda --resolutions 16 32 64 \
   --iters 20 --warmup 3 "${UT_JSON[@]}"
+if [ -f "$REFERENCE_PATH/cm/unet.py" ]; then
+  [ -n "$OUTDIR" ] && UT_JSON=(--json "$OUTDIR/unet_vs_reference_cuda.json")
+  part unet_vs_reference 150 "$PY" benchmarks/unet_vs_reference.py --reference-path "$REFERENCE_PATH" --device cuda \
+    --resolutions 32 64 --window-images 256 --rounds 6 "${UT_JSON[@]}"
+else
+  echo; echo "== unet_vs_reference: skipped, no reference checkout at $REFERENCE_PATH/cm (set REFERENCE_PATH)"
+fi
 [ -n "$OUTDIR" ] && UT_JSON=(--json "$OUTDIR/unet_throughput_cuda_compiled.json")
 # One torch.compile (bf16, channels-last, 64 px) next to its eager twin: compiling costs ~1-2 minutes.
 part unet_throughput_compiled 240 "$PY" benchmarks/unet_throughput.py --device cuda --resolutions 64 \
   --precisions bf16 --memory-formats channels_last --iters 20 --compile "${UT_JSON[@]}"
 
 echo
+[ "${#SKIPPED[@]}" -gt 0 ] && echo "== skipped for lack of time: ${SKIPPED[*]}"
 if [ "${#FAILED[@]}" -gt 0 ]; then
   echo "== gpu_check done in ${SECONDS} s; FAILED: ${FAILED[*]}"
   exit 1

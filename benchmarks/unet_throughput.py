@@ -20,6 +20,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -74,10 +75,24 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def print_profile(step: Callable[[], None], device: str, steps: int = 3, rows: int = 15) -> None:
+    """torch.profiler's table of the ops that took the most device time over `steps` steps (where it goes: on an
+    H100 this showed layout copies and GroupNorm, not convolutions, and device time ~ wall time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    print(prof.key_averages().table(sort_by=f"{'cuda' if device == 'cuda' else 'cpu'}_time_total", row_limit=rows,
+                                    max_name_column_width=60), flush=True)
+
+
 def time_training(resolution: int, device: str, precision: str, channels_last: bool, compiled: bool,
-                  batch: int, warmup: int, iters: int) -> tuple[float, int, float, float]:
+                  batch: int, warmup: int, iters: int, profile: bool = False) -> tuple[float, int, float, float]:
     """Median seconds per optimizer step over `iters` timed steps, the parameter count, the median CPU seconds
-    per step, and the CPU share over the timed steps."""
+    per step, and the CPU share over the timed steps; with `profile`, then prints where a step's time goes."""
     torch.manual_seed(0)
     net = UNet(model_config(resolution, channels_last)).to(device)
     params = sum(p.numel() for p in net.parameters())
@@ -110,6 +125,8 @@ def time_training(resolution: int, device: str, precision: str, channels_last: b
         times.append(time.perf_counter() - t0)
         cpu_times.append(time.process_time() - c0)
     share = sum(cpu_times) / (sum(times) * torch.get_num_threads())
+    if profile:
+        print_profile(step, device)
     return statistics.median(times), params, statistics.median(cpu_times), share
 
 
@@ -126,7 +143,7 @@ def run(args: argparse.Namespace) -> list[Row]:
                 for precision in args.precisions:
                     for cl in args.memory_formats:
                         sec, params, cpu_sec, share = time_training(res, device, precision, cl, compiled, args.batch,
-                                                    args.warmup, iters)
+                                                    args.warmup, iters, args.profile)
                         ips = args.batch / sec
                         rows.append(Row(device, res, precision, cl, compiled, args.batch, ips, 1e3 * sec,
                                         params / 1e6, fwd_gflop, train_gflop, ips * train_gflop / 1e3,
@@ -159,6 +176,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time torch.compile'd networks")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--profile", action="store_true", help="after each configuration, print torch.profiler's "
+                        "table of the ops that took the most (device) time")
     args = parser.parse_args()
     args.memory_formats = [f == "channels_last" for f in args.memory_formats]
     if args.threads:

@@ -5,6 +5,7 @@ The reference is sony/pagoda (built on sony/ctm), whose teacher network is the A
 
     git --git-dir=<mirror of github.com/sony/pagoda> archive HEAD | tar -x -C /tmp/ref_pagoda
     python benchmarks/unet_vs_reference.py --reference-path /tmp/ref_pagoda --threads 1 2
+    python benchmarks/unet_vs_reference.py --reference-path /tmp/ref_pagoda --device cuda --resolutions 32 64
 
 Configuration (issue 7): 64 channels, multipliers (1, 2, 2), 2 residual blocks per level, attention at res/8 (with
 three levels the coarsest feature map is res/4, so both networks attend only in the middle block), scale-shift norm,
@@ -107,10 +108,13 @@ def build_reference(unet_cls: type[nn.Module], resolution: int, variant: str) ->
     return net
 
 
-def build_ours(resolution: int) -> UNet:
+def build_ours(resolution: int, device: torch.device) -> UNet:
+    """Ours as a run config would build it for `device`: channels-last on the CPU only (on CUDA, GroupNorm copies
+    channels-last tensors; `model.channels_last` left unset resolves the same way)."""
     return UNet(ModelConfig(resolution=resolution, channels=CHANNELS, channel_mult=list(MULT),
                             num_res_blocks=RES_BLOCKS, attn_resolutions=[max(1, resolution // 8)],
-                            head_channels=HEAD_CHANNELS, num_classes=CLASSES, channels_last=True))
+                            head_channels=HEAD_CHANNELS, num_classes=CLASSES,
+                            channels_last=device.type == "cpu")).to(device)
 
 
 # ------------------------------------------------------------------------------------------------------ timing
@@ -122,17 +126,18 @@ class Inputs:
     target: torch.Tensor
 
 
-def make_inputs(batch: int, resolution: int) -> Inputs:
+def make_inputs(batch: int, resolution: int, device: torch.device) -> Inputs:
     g = torch.Generator().manual_seed(0)
     sigma = (torch.randn(batch, generator=g) * 1.2 - 1.2).exp()  # EDM's log-normal training sigmas
-    return Inputs(torch.randn(batch, 3, resolution, resolution, generator=g), sigma,
-                  torch.randint(0, CLASSES, (batch,), generator=g),
-                  torch.randn(batch, 3, resolution, resolution, generator=g))
+    inp = Inputs(torch.randn(batch, 3, resolution, resolution, generator=g), sigma,
+                 torch.randint(0, CLASSES, (batch,), generator=g),
+                 torch.randn(batch, 3, resolution, resolution, generator=g))
+    return Inputs(*(t.to(device) for t in (inp.x, inp.sigma, inp.labels, inp.target)))
 
 
 def forward_fn(variant: str, net: nn.Module, inp: Inputs) -> Callable[[], torch.Tensor]:
     """The network call on this variant's preferred input layout, in its own conditioning convention."""
-    x = inp.x.contiguous(memory_format=torch.channels_last) if variant == "ours" or "-cl" in variant else inp.x
+    x = inp.x.contiguous(memory_format=torch.channels_last) if "-cl" in variant else inp.x  # ours converts itself
     if variant == "ours":
         cond = Condition(class_labels=inp.labels)
         c_noise = inp.sigma.log() / 4  # EDM's c_noise
@@ -145,7 +150,7 @@ def train_step_fn(variant: str, net: nn.Module, inp: Inputs, precision: str) -> 
     fwd = forward_fn(variant, net, inp)
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        with torch.autocast(inp.x.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             out = fwd()
         loss = (out.float() - inp.target).square().mean()
         loss.backward()
@@ -156,11 +161,12 @@ def train_step_fn(variant: str, net: nn.Module, inp: Inputs, precision: str) -> 
 
 
 def interleaved(steps: dict[str, Callable[[], None]], batch: int, warmup: int, rounds: int,
-                window_steps: int) -> dict[str, tuple[list[float], list[float]]]:
+                window_steps: int, sync: Callable[[], None]) -> dict[str, tuple[list[float], list[float]]]:
     """Per variant: images/s and images per CPU-second of each timing window, windows rotating ABBA."""
     for step in steps.values():
         for _ in range(warmup):
             step()
+    sync()
     names = list(steps)
     out: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
     for r in range(rounds):
@@ -168,6 +174,7 @@ def interleaved(steps: dict[str, Callable[[], None]], batch: int, warmup: int, r
             t0, c0 = time.perf_counter(), time.process_time()
             for _ in range(window_steps):
                 steps[name]()
+            sync()  # a GPU window ends when its kernels do, not when they are queued
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             out[name][0].append(window_steps * batch / wall)
             out[name][1].append(window_steps * batch / cpu)
@@ -207,6 +214,7 @@ def main() -> None:
     parser.add_argument("--resolutions", type=int, nargs="+", default=[16, 32])
     parser.add_argument("--precisions", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     parser.add_argument("--threads", type=int, nargs="+", default=[1], help="CPU thread counts, run in turn")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--reference-variants", nargs="+", choices=REF_VARIANTS, default=["ref", "ref-cl-nockpt"])
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
@@ -216,10 +224,12 @@ def main() -> None:
     args = parser.parse_args()
 
     unet_cls = load_reference_unet(args.reference_path.resolve())
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     for res in args.resolutions:  # parameter and FLOP counts: identical work is the premise of the comparison
-        ours, ref = build_ours(res), build_reference(unet_cls, res, "ref")
-        inp = make_inputs(2, res)
+        ours, ref = build_ours(res, torch.device("cpu")), build_reference(unet_cls, res, "ref")
+        inp = make_inputs(2, res, torch.device("cpu"))
         n_ours, n_ref = (sum(p.numel() for p in n.parameters()) for n in (ours, ref))
         f_ours = train_gflop_per_image(ours, forward_fn("ours", ours, inp), 2)
         f_ref = train_gflop_per_image(ref, forward_fn("ref", ref, inp), 2)
@@ -235,16 +245,16 @@ def main() -> None:
         torch.set_num_threads(threads)
         for res in args.resolutions:
             for precision in args.precisions:
-                inp = make_inputs(args.batch, res)
+                inp = make_inputs(args.batch, res, device)
                 variants = ["ours", *args.reference_variants]
                 steps = {}
                 for v in variants:
                     torch.manual_seed(0)
-                    net = build_ours(res) if v == "ours" else build_reference(unet_cls, res, v)
+                    net = build_ours(res, device) if v == "ours" else build_reference(unet_cls, res, v).to(device)
                     steps[v] = train_step_fn(v, net, inp, precision)
                 before = load1()
                 window_steps = max(1, args.window_images // args.batch)
-                res_times = interleaved(steps, args.batch, args.warmup, args.rounds, window_steps)
+                res_times = interleaved(steps, args.batch, args.warmup, args.rounds, window_steps, sync)
                 after = load1()
                 med = {v: (statistics.median(w), statistics.median(c)) for v, (w, c) in res_times.items()}
                 for v in variants:
@@ -255,7 +265,7 @@ def main() -> None:
                     print(f"| {threads} | {res} | {precision} | {v} | {r.img_per_s:.2f} | {r.img_per_cpu_s:.2f} "
                           f"| {r.cpu_share:.2f} | {r.ours_over_this:.2f} | {r.ours_over_this_cpu:.2f} "
                           f"| {r.windows} | {before:.2f}/{after:.2f} |", flush=True)
-    print(f"\ntorch {torch.__version__}; batch {args.batch}; {window_steps} step(s) per window after {args.warmup} "
+    print(f"\n{args.device}, torch {torch.__version__}; batch {args.batch}; {window_steps} step(s) per window after {args.warmup} "
           "warm-up steps; medians over windows. 'ours/this' > 1 means ours is faster.")
     if args.json:
         Path(args.json).write_text(json.dumps([asdict(r) for r in rows], indent=1))

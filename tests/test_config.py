@@ -133,3 +133,13 @@ def test_paper_scale_configs_dry_run(name: str, capsys: pytest.CaptureFixture) -
     assert all(t < 0.15 * teacher_params for t in trainable)  # growth trains a small part: the base is frozen
     ratio = float(out.split("saved by")[0].rsplit(":", 1)[1].strip().rstrip("x"))
     assert 45 < ratio < 64
+
+
+def test_memory_format_follows_the_device_unless_set() -> None:
+    """channels-last pays on the CPU and costs on CUDA (GroupNorm copies): left unset, the device decides; a set
+    value wins, and the resolved bool is what the config (and so every architecture record) holds."""
+    assert load_config(None, []).model.channels_last is True
+    assert load_config(None, ["runtime.use_gpu=true"]).model.channels_last is False
+    assert load_config(None, ["runtime.use_gpu=true", "model.channels_last=true"]).model.channels_last is True
+    assert load_config(None, ["model.channels_last=false"]).model.channels_last is False
+    assert "channels_last: null" not in to_yaml(load_config(None, []))
