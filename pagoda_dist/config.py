@@ -311,13 +311,9 @@ class RuntimeConfig:
     ray_address: str | None = knob(None, "Ray cluster address (None: start a local Ray)")
     max_failures: int = knob(2, "worker-group restarts Ray Train allows before giving up")
     sigterm_grace_s: float = knob(60.0, "seconds to save a checkpoint after SIGTERM (preemption)")
-    worker_niceness: int = knob(0, "nice value of the Ray workers of a local Ray (Ray's own default, 15, lets any "
-                                   "nice-0 process on the machine take the cores from training)")
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, "num_workers", "must be >= 1")
-        require(0 <= self.worker_niceness <= 19, "worker_niceness",
-                f"must be 0-19 (raising priority needs root), got {self.worker_niceness}")
         require(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
         require(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         require(self.max_failures >= 0 and self.sigterm_grace_s > 0, "max_failures", "must be >= 0")

@@ -30,6 +30,5 @@ def ensure_ray(cfg: Config, cpus_needed: float = 0.0) -> bool:
         # A cluster's job keeps the runtime environment its submitter gave it; only a local Ray gets the hook.
         ray.init(num_cpus=max(os.cpu_count() or 1, int(cpus_needed + 0.999)), include_dashboard=False,
                  object_store_memory=LOCAL_OBJECT_STORE_BYTES, logging_level="WARNING",
-                 runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_ray_train_logs"},
-                 _system_config={"worker_niceness": cfg.runtime.worker_niceness})
+                 runtime_env={"worker_process_setup_hook": f"{__name__}.quiet_ray_train_logs"})
     return True
