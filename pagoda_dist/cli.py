@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pagoda_dist.config import ConfigError, Config, describe_keys, load_config, to_yaml
+from pagoda_dist.config import Config, ConfigError, describe_keys, load_config, load_prepare_settings, to_yaml
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -37,13 +37,22 @@ def cmd_s3(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from pagoda_dist.pipeline import prepare_from_config
+    """`pagoda prepare CONFIG [overrides] [--src] [--out]` (a run's data.* settings) or `pagoda prepare SRC OUT
+    [data.*|storage.* overrides]` (no run config)."""
+    from pagoda_dist.pipeline import local_storage, prepare_data, prepare_from_config, s3_buckets, storage_session
 
-    cfg = load_config(args.config, args.overrides)
-    from pagoda_dist.pipeline import local_storage
-
-    with local_storage(cfg):
-        prepare_from_config(cfg, src=args.src, out=args.out)
+    if args.config.endswith((".yaml", ".yml")):
+        cfg = load_config(args.config, args.overrides)
+        with local_storage(cfg):
+            prepare_from_config(cfg, src=args.src, out=args.out)
+        return 0
+    if not args.overrides or "=" in args.overrides[0] or args.src or args.out:
+        raise ConfigError(f"pagoda prepare {args.config}: expected `pagoda prepare SRC OUT [data.KEY=VALUE ...]` "
+                          "(OUT is missing) or `pagoda prepare CONFIG.yaml [overrides] [--src SRC] [--out OUT]`")
+    src, out = args.config, args.overrides[0]
+    data, store = load_prepare_settings(args.overrides[1:])
+    with storage_session(store, s3_buckets(out)):
+        prepare_data(data, src, out)
     return 0
 
 
@@ -167,8 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*")
     p.set_defaults(func=cmd_s3)
 
-    p = sub.add_parser("prepare", help="turn images into WebDataset shards (data.* settings of CONFIG)")
-    _add_config_args(p)
+    p = sub.add_parser("prepare", help="turn images into WebDataset shards: `pagoda prepare SRC OUT [data.KEY=VALUE "
+                                       "...]`, or with a run's data.* settings `pagoda prepare CONFIG.yaml`")
+    p.add_argument("config", metavar="CONFIG.yaml | SRC", help="a run config, or the input images (a folder, class "
+                   "folders, captioned images, a .jsonl manifest, builtin:photo-tiles, builtin:fashion-mnist)")
+    p.add_argument("overrides", nargs="*", metavar="[OUT] KEY=VALUE", help="after SRC: OUT, then data.* / storage.* "
+                   "settings; after CONFIG: dotted overrides")
     p.add_argument("--src", default=None, help="input images (default: data.source)")
     p.add_argument("--out", default=None, help="output URL (default: data.shards or ROOT/data/NAME-RES)")
     p.set_defaults(func=cmd_prepare)

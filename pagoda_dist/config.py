@@ -460,16 +460,34 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         raw = _read_yaml(Path(path))
         where = str(path)
+    _apply_overrides(raw, overrides)
+    where = f"{where} + overrides" if overrides else where
+    try:
+        return build(Config, raw, "")
+    except ConfigError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def load_prepare_settings(overrides: list[str] | tuple[str, ...] = ()) -> tuple[DataConfig, StorageConfig]:
+    """The `data.*` and `storage.*` settings of `pagoda prepare SRC OUT [overrides]`, which needs no run config."""
+    raw: dict[str, Any] = {}
+    _apply_overrides(raw, overrides)
+    other = sorted(set(raw) - {"data", "storage"})
+    if other:
+        raise ConfigError(f"overrides: `pagoda prepare SRC OUT` takes data.* and storage.* settings only, got "
+                          f"{other[0]}.*; give a CONFIG (`pagoda prepare CONFIG --src SRC --out OUT`) for a run's")
+    try:
+        return build(DataConfig, raw.get("data", {}), "data."), build(StorageConfig, raw.get("storage", {}), "storage.")
+    except ConfigError as err:
+        raise ConfigError(f"<defaults> + overrides: {err}") from None
+
+
+def _apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected KEY=VALUE, e.g. model.channels=64")
         _set_dotted(raw, key.strip(), yaml.safe_load(text) if text.strip() else None)
-        where = f"{where} + overrides" if "overrides" not in where else where
-    try:
-        return build(Config, raw, "")
-    except ConfigError as err:
-        raise ConfigError(f"{where}: {err}") from None
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from pagoda_dist import storage
-from pagoda_dist.config import Config, ConfigError, to_dict
+from pagoda_dist.config import Config, ConfigError, DataConfig, StorageConfig, to_dict
 from pagoda_dist.models.conditioning import Condition
 from pagoda_dist.runtime.source import BatchSource, DataRequest
 from pagoda_dist.stages import Stage, build_distill, build_grow, build_teacher, grow_stage_name
@@ -79,6 +79,9 @@ class ReaderSource:
 
     def state(self) -> dict[str, Any]:
         return self.reader.state_dict()
+
+    def corrupt_count(self) -> int:
+        return self.reader.corrupt_count
 
 
 def reader_source(cfg: Config, request: DataRequest) -> BatchSource:
@@ -170,15 +173,19 @@ def _grow_step(cfg: Config, previous: str, resolution: int) -> dict[str, Any]:
 
 def prepare_from_config(cfg: Config, src: str | None = None, out: str | None = None) -> Any:
     """`pagoda prepare` with the data.* settings of `cfg` (SRC and OUT default to data.source and the shards URL)."""
-    from pagoda_dist.data.prepare import prepare
-
-    d = cfg.data
-    src = src or d.source
+    src = src or cfg.data.source
     if not src:
         raise ConfigError("data.source: nothing to prepare; set data.source or pass --src")
-    return prepare(src, out or cfg.shards_url, kind=d.source_kind, resolution=d.resolution, channels=d.channels,
+    return prepare_data(cfg.data, src, out or cfg.shards_url, seed=cfg.run.seed)
+
+
+def prepare_data(d: DataConfig, src: str, out: str, seed: int = 0) -> Any:
+    """Shards of SRC at OUT with the data.* settings `d` (the split order follows `seed`)."""
+    from pagoda_dist.data.prepare import prepare
+
+    return prepare(src, out, kind=d.source_kind, resolution=d.resolution, channels=d.channels,
                    image_format=d.image_format, jpeg_quality=d.jpeg_quality, shard_size=d.shard_size,
-                   val_fraction=d.val_fraction, workers=d.prepare_workers, seed=cfg.run.seed, limit=d.limit)
+                   val_fraction=d.val_fraction, workers=d.prepare_workers, seed=seed, limit=d.limit)
 
 
 def prepare_step(cfg: Config) -> dict[str, Any]:
@@ -204,9 +211,17 @@ def evaluate_step(cfg: Config) -> dict[str, Any]:
 @contextlib.contextmanager
 def local_storage(cfg: Config) -> Iterator[None]:
     """Points storage at the configured S3 endpoint, or at the embedded server (started here, stopped after)."""
-    storage.configure(endpoint_url=cfg.storage.endpoint_url, region=cfg.storage.region)
-    if cfg.storage.embedded_s3 and _s3_buckets(cfg) and cfg.storage.endpoint_url is None:
-        with _embedded_s3(cfg):
+    with storage_session(cfg.storage, s3_buckets(cfg.run.root, cfg.shards_url, cfg.pairs_url)):
+        yield
+
+
+@contextlib.contextmanager
+def storage_session(s: StorageConfig, buckets: set[str]) -> Iterator[None]:
+    """Storage pointed at `s`'s endpoint; with `s.embedded_s3` and no endpoint, at the embedded server holding
+    `buckets` (started here when it is not running, and then stopped after)."""
+    storage.configure(endpoint_url=s.endpoint_url, region=s.region)
+    if s.embedded_s3 and buckets and s.endpoint_url is None:
+        with _embedded_s3(s, buckets):
             yield
     else:
         yield
@@ -219,22 +234,21 @@ def local_services(cfg: Config) -> Iterator[None]:
         yield
 
 
-def _s3_buckets(cfg: Config) -> set[str]:
-    urls = [cfg.run.root, cfg.shards_url, cfg.pairs_url]
+def s3_buckets(*urls: str) -> set[str]:
     return {u.removeprefix("s3://").split("/")[0] for u in urls if u.startswith("s3://")}
 
 
 @contextlib.contextmanager
-def _embedded_s3(cfg: Config) -> Iterator[None]:
+def _embedded_s3(s: StorageConfig, buckets: set[str]) -> Iterator[None]:
     from pagoda_dist.storage.local_s3 import LocalS3Server
 
-    server = LocalS3Server(Path(cfg.storage.embedded_s3_dir), cfg.storage.embedded_s3_port)
+    server = LocalS3Server(Path(s.embedded_s3_dir), s.embedded_s3_port)
     started = not server.status().running
     server.start()
-    for bucket in sorted(_s3_buckets(cfg)):
+    for bucket in sorted(buckets):
         server.ensure_bucket(bucket)
     server.activate()
-    print(f"[pagoda] embedded S3 at {server.endpoint} (data in {cfg.storage.embedded_s3_dir})", flush=True)
+    print(f"[pagoda] embedded S3 at {server.endpoint} (data in {s.embedded_s3_dir})", flush=True)
     try:
         yield
     finally:

@@ -106,6 +106,9 @@ class InvertedTiles:
     def state(self) -> dict[str, Any]:
         return self.reader.state_dict()
 
+    def corrupt_count(self) -> int:
+        return self.reader.corrupt_count
+
 
 def inverted_tiles(teacher_url: str, cfg: Config, request: DataRequest) -> InvertedTiles:
     return InvertedTiles(teacher_url, cfg, request)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -21,9 +22,10 @@ from pagoda_dist.data.order import SampleOrder
 from pagoda_dist.data.prepare import PrepareError, prepare, stored_image
 from pagoda_dist.data.reader import LoaderBatch, StreamingReader, load_images
 from pagoda_dist.data.samples import Sample, make_key, sample_from_members, sample_to_members
-from pagoda_dist.data.shards import ShardWriter, iter_shard, parse_members, read_index
+from pagoda_dist.data.shards import ShardWriter, iter_shard
 from pagoda_dist.data.sources import SourceError, SourceItem
 from pagoda_dist.data.tensors import downsample, to_tensor, to_uint8
+from tests.damage import break_header, garble_image
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -169,6 +171,45 @@ def test_prepare_stream_round_trip(backend: str, class_folder: Path, tmp_path: P
         assert torch.allclose(low_image, downsample(b.image[i:i + 1], 16)[0], atol=1e-6)
     assert small.shape[1:] == (3, 16, 16)
     assert b.captions is None and b.latent is None and b.corrupt == 0
+
+
+def test_cli_prepare_src_out_with_jpeg_quality(class_folder: Path, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture) -> None:
+    """`pagoda prepare SRC OUT data.KEY=VALUE ...` needs no run config; JPEG shards decode close to the stored
+    image, and the quality setting trades bytes for fidelity."""
+    from pagoda_dist.cli import main
+
+    def prepared(quality: int) -> tuple[str, float, int]:
+        out = str(tmp_path / f"q{quality}")
+        assert main(["prepare", str(class_folder), out, "data.resolution=32", "data.image_format=jpeg",
+                     f"data.jpeg_quality={quality}", "data.shard_size=20", "data.val_fraction=0.2"]) == 0
+        manifest = read_manifest(out)
+        assert (manifest.image_format, manifest.resolution) == ("jpeg", 32)
+        assert manifest.count("train") + manifest.count("val") == 3 * PER_CLASS
+        with tarfile.open(Path(out) / "train-000000.tar") as tar:
+            suffixes = {name.rsplit(".", 1)[1] for name in tar.getnames()}
+        assert "jpg" in suffixes and "png" not in suffixes, suffixes
+        source_of = sources_by_ref(out)
+        batch = take(StreamingReader(out, batch_size=16, num_workers=0, seed=0), 1)[0]
+        errors = []
+        for i, key in enumerate(batch.keys):
+            rel = source_of[key]
+            want = np.asarray(stored_image(SourceItem(rel, path=str(class_folder / rel)), 32, 3)).astype(np.float64)
+            errors.append(np.mean((to_uint8(batch.image[i:i + 1])[0].astype(np.float64) - want) ** 2))
+        psnr = 10 * np.log10(255.0**2 / np.mean(errors))
+        size = sum(shard.bytes for split in manifest.splits.values() for shard in split)
+        return out, psnr, size
+
+    _, psnr_high, bytes_high = prepared(95)
+    _, psnr_low, bytes_low = prepared(20)
+    assert psnr_high > 30 and psnr_high > psnr_low + 3, (psnr_high, psnr_low)
+    assert bytes_low < bytes_high
+    assert main(["prepare", str(class_folder)]) == 2  # OUT missing
+    assert main(["prepare", str(class_folder), str(tmp_path / "x"), "model.channels=8"]) == 2  # not a data knob
+    assert main(["prepare", str(class_folder), str(tmp_path / "x"), "data.jpeg_quality=0"]) == 2
+    err = capsys.readouterr().err
+    assert "OUT is missing" in err and "data.* and storage.* settings only" in err and "data.jpeg_quality" in err
+    assert not (tmp_path / "x").exists()
 
 
 def test_captions_folder_and_jsonl(tmp_path: Path) -> None:
@@ -333,16 +374,8 @@ def test_corrupt_shard_members_are_replaced_and_counted(tiles: str, tmp_path: Pa
     out = tmp_path / "damaged"
     storage.upload_dir(storage.filesystem(tiles)[1], str(out))
     shard = out / "train-000001.tar"
-    index = read_index(str(shard))
-    raw = bytearray(shard.read_bytes())
     # (1) an image whose bytes are garbage (tar intact); (2) a sample whose tar header checksum is broken
-    lo = int(index.offsets[3])
-    members = parse_members(bytes(raw[lo:int(index.offsets[4])]))
-    png_at = lo + 512 + raw[lo + 512:].find(members[0][1][:16])
-    raw[png_at:png_at + 200] = os.urandom(200)
-    raw[int(index.offsets[10]) + 5] ^= 0xFF
-    shard.write_bytes(bytes(raw))
-    bad = {f"train-000001.tar/{index.key(3)}", f"train-000001.tar/{index.key(10)}"}
+    bad = {garble_image(shard, 3), break_header(shard, 10)}
 
     reader = StreamingReader(str(out), batch_size=5, seed=2, chunk_size=16, shuffle_window=64)
     batches = take(reader, 53)  # 265 = 53 x 5: exactly one epoch

@@ -243,16 +243,18 @@ def test_caption_pairs_record_text_embeddings(tmp_path: Path, local_ray: object)
 
 @needs_fashion
 @pytest.mark.timeout(180)
-def test_failed_shard_is_retried_then_reported_and_others_commit(tmp_path: Path, local_ray: object) -> None:
+def test_failed_shard_is_retried_then_reported_and_others_commit(tmp_path: Path, local_ray: object,
+                                                                   capfd: pytest.CaptureFixture) -> None:
+    """A shard that keeps failing is retried, then reported; the others commit. Once it is repaired, the same
+    command computes that shard alone (with a progress bar showing rate and ETA) and commits the set."""
     cfg = make_config(str(tmp_path), **{"precompute.max_actors": 1})
     make_data(cfg, limit=40, shard_size=20)
     make_teacher(cfg)
     inputs = read_manifest(cfg.shards_url)
     bad = inputs.splits["train"][0].name
-    bad_url = storage.join(cfg.shards_url, bad)
-    size = storage.size(bad_url)
-    with open(storage.filesystem(bad_url)[1], "wb") as f:  # same size, so only decoding notices
-        f.write(b"\xff" * size)
+    bad_path = Path(storage.filesystem(storage.join(cfg.shards_url, bad))[1])
+    original = bad_path.read_bytes()
+    bad_path.write_bytes(b"\xff" * len(original))  # same size, so only decoding notices
     with pytest.raises(PrecomputeFailed, match=bad) as info:
         run_precompute(cfg, progress=False)
     report = info.value.report
@@ -262,6 +264,15 @@ def test_failed_shard_is_retried_then_reported_and_others_commit(tmp_path: Path,
     for name in good:
         assert storage.is_committed(storage.join(cfg.pairs_url, name[: -len(".tar")]))
     assert not storage.is_committed(storage.join(cfg.pairs_url, bad[: -len(".tar")]))
+
+    bad_path.write_bytes(original)
+    capfd.readouterr()
+    rerun = run_precompute(cfg, progress=True)
+    assert rerun.ok and rerun.committed and storage.is_committed(cfg.pairs_url)
+    assert (rerun.shards_computed, rerun.shards_skipped) == (1, len(good))
+    assert rerun.images_computed == inputs.splits["train"][0].count
+    bar = capfd.readouterr().err
+    assert "precompute" in bar and "img/s" in bar and "<" in bar, bar[-300:]  # tqdm: elapsed<remaining, rate
     shutil.rmtree(storage.filesystem(cfg.shards_url)[1])
 
 

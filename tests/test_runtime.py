@@ -33,6 +33,7 @@ from pagoda_dist.runtime.drivers import _cast
 from pagoda_dist.runtime.schedule import crossed, ema_beta, lr_factor, steps_for
 from pagoda_dist.runtime.trainer import check_resumable
 from pagoda_dist.stages import build_teacher
+from tests.damage import garble_image
 from tests.runtime_support import Fault, faulty, inverted_tiles
 
 REPO = Path(__file__).parents[1]
@@ -301,8 +302,11 @@ def test_teacher_on_s3_tiles_driver_sigterm_killed_worker_and_resume_are_exact(
     """The teacher on real tiles streamed from S3, checkpoints on S3. A reference run; a driver process that gets
     SIGTERM (and only it) while its workers train; the same run resumed, with a worker killed midway. Every loss
     logged after the resume, replayed ones included, equals the reference's at the same image count."""
+    damaged = tmp_path / "damaged"  # two images garbled: the run skips them and reports how many it skipped
+    storage.upload_dir(str(tile_shards), str(damaged))
+    garbled = {garble_image(damaged / "train-000000.tar", 5), garble_image(damaged / "train-000001.tar", 7)}
     shards = storage.join(s3_env, "tiles-8")
-    storage.upload_dir(tile_shards, shards)
+    storage.upload_dir(damaged, shards)
     common = [*TILES, f"data.shards={shards}", f"run.root={s3_env}",
               f"storage.endpoint_url={storage.settings.current().endpoint_url}",
               "runtime.num_workers=2", "runtime.zero_stage=2", "runtime.sigterm_grace_s=30", "runtime.max_failures=1",
@@ -328,6 +332,7 @@ def test_teacher_on_s3_tiles_driver_sigterm_killed_worker_and_resume_are_exact(
     assert storage.exists(storage.join(store.url, "samples", "grid-000000320.png"))
     assert list((tmp_path / "ref" / "wandb").rglob("*.wandb"))  # offline wandb run under the local dir
     assert "mfu" in ref.metrics and ref.metrics["images_per_s"] > 0
+    assert ref.metrics["corrupt_samples"] == len(garbled), (garbled, ref.metrics)  # 320 of 349: both were met
 
     # The driver, in a process of its own, holds rank 0 at 128 images until a stop arrives; SIGTERM goes to the
     # driver only. Every rank saves the next step boundary (144) and the driver exits with 128 + SIGTERM.

@@ -19,10 +19,9 @@ builtin:fashion-mnist (10 classes, grey)
 
 Both are deterministic: same installed files and settings, same tiles, same order.
 
-Prepare them with (the CLI's `pagoda prepare builtin:NAME OUT` calls the same function):
-    from pagoda_dist.data.prepare import prepare
-    prepare("builtin:photo-tiles", "work/data/tiles-64", resolution=64)                 # ~25 s
-    prepare("builtin:fashion-mnist", "work/data/fmnist-32", resolution=32, channels=1)  # ~80 s
+Prepare them with (OUT may be a path, file:// or s3://; `prepare()` in Python takes the same settings):
+    pagoda prepare builtin:photo-tiles work/data/tiles-64 data.resolution=64                     # ~25 s
+    pagoda prepare builtin:fashion-mnist work/data/fmnist-32 data.resolution=32 data.channels=1  # ~80 s
 Photo tiles at 64 px: 4454 tiles (4158 train / 296 val) with mate-backgrounds, 1084 from the pip packages alone;
 at 128 px 2996, at 256 px 734 (smoke tests only). Fashion-MNIST: 60000 train / 10000 val (timings on 2 busy cores).
 """

@@ -36,5 +36,8 @@ class BatchSource(Protocol):
     def state(self) -> dict[str, Any]:
         """Plain data (ints, floats, strings, lists, dicts) locating the next batch not yet yielded."""
 
+    def corrupt_count(self) -> int:
+        """Samples this rank found corrupt and skipped so far (logged as the metric `corrupt_samples`)."""
+
 
 DataFactory = Callable[[Config, DataRequest], BatchSource]

@@ -75,8 +75,9 @@ class Telemetry:
             self._sums[key] = self._sums.get(key, 0.0) + float(value)
         self._steps += 1
 
-    def log(self, nimg: int) -> dict[str, float]:
-        """Collective: averages the losses since the last log over steps and ranks; rank 0 prints and logs."""
+    def log(self, nimg: int, corrupt_samples: int = 0) -> dict[str, float]:
+        """Collective: averages the losses since the last log over steps and ranks; rank 0 prints and logs.
+        `corrupt_samples`: this rank's count of corrupt samples skipped so far (summed over ranks)."""
         losses = self.comm.mean({k: v / max(self._steps, 1) for k, v in self._sums.items()})
         now = time.perf_counter()
         seconds = max(now - self._last_time, 1e-9)
@@ -84,8 +85,10 @@ class Telemetry:
         record: dict[str, float] = {"nimg": nimg, "kimg": nimg / 1000.0, **losses,
                                     "images_per_s": images / seconds,
                                     "sec_per_kimg": seconds / max(images, 1) * 1000.0}
-        peaks = self.comm.gather(_peak_memory_mb())  # the largest rank's peak: what each worker's machine must hold
-        record.update({key: max(p[key] for p in peaks) for key in peaks[0]})
+        per_rank = self.comm.gather({**_peak_memory_mb(), "corrupt_samples": corrupt_samples})
+        # Peaks: the largest rank's (what each worker's machine must hold); corrupt samples: all ranks'.
+        record.update({key: max(p[key] for p in per_rank) for key in per_rank[0] if key != "corrupt_samples"})
+        record["corrupt_samples"] = sum(p["corrupt_samples"] for p in per_rank)
         if self.flops_per_step is not None and self.peak_flops and self._steps:
             per_rank = self.flops_per_step * self._steps / seconds
             record["tflops_per_rank"] = per_rank / 1e12
@@ -117,8 +120,9 @@ class Telemetry:
         eta = datetime.timedelta(seconds=max(0, int((self.total_nimg - r["nimg"]) / rate))) if rate > 0 else "?"
         losses = "  ".join(f"{k} {v:.4g}" for k, v in r.items() if k not in _NOT_LOSSES)
         mfu = f"  mfu {r['mfu'] * 100:.1f}%" if "mfu" in r else ""
+        corrupt = f"  corrupt samples skipped {r['corrupt_samples']:.0f}" if r.get("corrupt_samples") else ""
         return (f"[{self.stage}] kimg {r['kimg']:.3f}/{self.total_nimg / 1000:.3f}  {rate:.1f} img/s  "
-                f"eta {eta}{mfu}  {losses}")
+                f"eta {eta}{mfu}  {losses}{corrupt}")
 
     def finish(self) -> None:
         if self.wandb_run is not None and self.comm.rank == 0:
@@ -126,7 +130,7 @@ class Telemetry:
 
 
 _NOT_LOSSES = {"nimg", "kimg", "images_per_s", "sec_per_kimg", "tflops_per_rank", "mfu", "peak_rss_mb",
-               "peak_gpu_mb"}
+               "peak_gpu_mb", "corrupt_samples"}
 
 
 def _peak_memory_mb() -> dict[str, float]:

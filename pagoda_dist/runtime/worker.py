@@ -207,7 +207,7 @@ def run_worker(job: WorkerJob, rank: int, world_size: int, device: torch.device)
         telemetry.add({key: value / train.grad_accum for key, value in sums.items()})
         done = nimg >= total_nimg
         if crossed(before, nimg, log.log_every_kimg) or done:
-            telemetry.log(nimg)
+            telemetry.log(nimg, corrupt_samples=source.corrupt_count())
         if grid is not None and (crossed(before, nimg, log.sample_every_kimg) or done):
             grid.write(ema.net, nimg)
         if crossed(before, nimg, log.checkpoint_every_kimg) or done:
