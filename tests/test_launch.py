@@ -218,7 +218,7 @@ def _pagoda_run(cluster: LocalCluster, args: list[str], log: Path, cwd: Path) ->
 @pytest.mark.timeout(900)
 def test_node_loss_resumes_from_s3_and_a_fresh_cluster_continues(s3_env: str, tmp_path: Path) -> None:
     from pagoda_dist.runtime import CheckpointStore, load_export
-    from pagoda_dist.storage import join
+    from pagoda_dist.storage import is_committed, join
 
     overrides = [*TEACHER_RUN, f"run.root={s3_env}runs", "run.name=nodeloss"]
     store = CheckpointStore(load_config(TINY, overrides).run_url, "teacher")
@@ -260,13 +260,17 @@ def test_node_loss_resumes_from_s3_and_a_fresh_cluster_continues(s3_env: str, tm
     assert store.latest_committed().nimg == 192 and "[pagoda] teacher: done" in output
     first_records = len(metrics.read_text().splitlines())
 
-    # 2. A fresh cluster pointed at the same S3 run, with a larger budget, continues from its last checkpoint.
+    # 2. A fresh cluster pointed at the same S3 run, with a larger budget, continues from its last checkpoint;
+    #    then the precompute actor pool inverts the images there: two 1-CPU actors on two 1-CPU nodes, one each.
     log = tmp_path / "second.log"
     with LocalCluster(workers=1, cpus_per_node=1, object_store_mb=80) as fresh, \
-            _pagoda_run(fresh, [*args, "teacher.train.total_kimg=0.256"], log, tmp_path) as driver:
+            _pagoda_run(fresh, ["--only", "precompute", *args, "teacher.train.total_kimg=0.256"], log,
+                        tmp_path) as driver:
         assert driver.wait(timeout=400) == 0, log.read_text()[-4000:]
     output = log.read_text()
     assert "[pagoda] prepare: already committed, skipped" in output
+    assert "actors: 2 started (peak 2)" in output and "[pagoda] precompute: done" in output, output[-3000:]
+    assert is_committed(load_config(TINY, overrides).pairs_url)
     _progress_after_resume(output, 192)
     records = [json.loads(line) for line in metrics.read_text().splitlines()[first_records:]]
     assert [r["nimg"] for r in records] == list(range(208, 257, 16))
