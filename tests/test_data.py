@@ -212,7 +212,11 @@ def test_cli_prepare_src_out_with_jpeg_quality(class_folder: Path, tmp_path: Pat
     assert not (tmp_path / "x").exists()
 
 
-def test_captions_folder_and_jsonl(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["local", "s3"])
+def test_captions_folder_and_jsonl(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    def out_url(name: str) -> str:
+        return str(tmp_path / name) if backend == "local" else storage.join(request.getfixturevalue("s3_env"), name)
+
     img = photo("rocket.jpg")
     folder = tmp_path / "captioned"
     folder.mkdir()
@@ -222,7 +226,7 @@ def test_captions_folder_and_jsonl(tmp_path: Path) -> None:
         if i < 11:  # img11 has no caption: reported, skipped
             captions[f"img{i}.jpg"] = f"a rocket, view {i}"
             (folder / f"img{i}.txt").write_text(captions[f"img{i}.jpg"] + "\n")
-    out = str(tmp_path / "shards")
+    out = out_url("shards")
     report = prepare(str(folder), out, resolution=16, val_fraction=0.0, workers=1, progress=False)
     assert report.counts == {"train": 11} and report.skipped_count == 1
     assert "img11.jpg" in report.skipped[0].source and "caption" in report.skipped[0].reason
@@ -237,7 +241,7 @@ def test_captions_folder_and_jsonl(tmp_path: Path) -> None:
              json.dumps({"image": "captioned/missing.jpg", "caption": "gone"}),
              "{not json"]
     (tmp_path / "pairs.jsonl").write_text("\n".join(lines))
-    out2 = str(tmp_path / "jsonl-shards")
+    out2 = out_url("jsonl-shards")
     report = prepare(str(tmp_path / "pairs.jsonl"), out2, resolution=16, val_fraction=0.0, workers=1,
                      progress=False)
     assert report.counts == {"train": 3} and report.skipped_count == 2
