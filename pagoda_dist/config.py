@@ -115,6 +115,12 @@ class ModelConfig:
                                       "convolutions), off with runtime.use_gpu (GroupNorm copies channels-last "
                                       "tensors on CUDA: every stage was 1.09-1.19x slower with it on an H100)")
 
+    @property
+    def uses_channels_last(self) -> bool:
+        """Whether networks use channels-last. A run config resolves None from the device; a ModelConfig built on
+        its own keeps None, which means the CPU choice (on)."""
+        return self.channels_last is not False
+
     def __post_init__(self) -> None:
         require(self.resolution >= 4 and self.resolution & (self.resolution - 1) == 0, "resolution",
                 f"must be a power of two >= 4, got {self.resolution}")

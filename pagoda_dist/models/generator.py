@@ -107,7 +107,7 @@ class OneStepGenerator(nn.Module):
             for _ in self.growth_resolutions
         ])
         self.growth_heads = nn.ModuleList([OutputHead(width, cfg.in_channels) for _ in self.growth_resolutions])
-        if cfg.channels_last is not False:
+        if cfg.uses_channels_last:
             self.growth.to(memory_format=torch.channels_last)
             self.growth_heads.to(memory_format=torch.channels_last)
         self.apply_freeze_policy()

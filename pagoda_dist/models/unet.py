@@ -75,7 +75,7 @@ class UNet(nn.Module):
                 cur = out_ch
         self.out_channels = cur
         self.out = OutputHead(cur, cfg.in_channels)
-        if cfg.channels_last is not False:  # None (a ModelConfig outside a run config): the CPU choice
+        if cfg.uses_channels_last:
             self.to(memory_format=torch.channels_last)
 
     # ------------------------------------------------------------------------------------------- conditioning
@@ -135,7 +135,7 @@ class UNet(nn.Module):
         cond = Condition() if cond is None else cond
         if x.shape[-1] != self.cfg.resolution or x.shape[-2] != self.cfg.resolution:
             raise ValueError(f"UNet built for {self.cfg.resolution}px (model.resolution) got input {tuple(x.shape)}")
-        if self.cfg.channels_last is not False:
+        if self.cfg.uses_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         emb = self.embed(c_noise, cond, x.shape[0])
         if extra_emb is not None:

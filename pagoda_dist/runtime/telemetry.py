@@ -85,10 +85,10 @@ class Telemetry:
         record: dict[str, float] = {"nimg": nimg, "kimg": nimg / 1000.0, **losses,
                                     "images_per_s": images / seconds,
                                     "sec_per_kimg": seconds / max(images, 1) * 1000.0}
-        per_rank = self.comm.gather({**_peak_memory_mb(), "corrupt_samples": corrupt_samples})
+        ranks = self.comm.gather({**_peak_memory_mb(), "corrupt_samples": corrupt_samples})
         # Peaks: the largest rank's (what each worker's machine must hold); corrupt samples: all ranks'.
-        record.update({key: max(p[key] for p in per_rank) for key in per_rank[0] if key != "corrupt_samples"})
-        record["corrupt_samples"] = sum(p["corrupt_samples"] for p in per_rank)
+        record.update({key: max(r[key] for r in ranks) for key in ranks[0] if key != "corrupt_samples"})
+        record["corrupt_samples"] = sum(r["corrupt_samples"] for r in ranks)
         if self.flops_per_step is not None and self.peak_flops and self._steps:
             per_rank = self.flops_per_step * self._steps / seconds
             record["tflops_per_rank"] = per_rank / 1e12
