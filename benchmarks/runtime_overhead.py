@@ -27,6 +27,13 @@ machine that drifts (other tenants, thermal state) moves both sides of each rati
 bracket is printed beside it; the figure per ZeRO stage is the median ratio over its rounds. Peak memory is the
 largest rank's peak RSS (and the GPU allocator's peak with --gpu), as logged by the runtime; the bare loop's own
 peak RSS is printed for reference.
+
+Where the rest goes: "CPU/rank" is the cores each rank's process kept busy over the timed windows (the runtime's
+`cpu_per_rank`; a bare loop keeps ~1.0). Below 1, a rank waited on its peer at a collective or was crowded off its
+core by the other processes on the machine (its DataLoader worker, the S3 server, Ray's daemons). "per CPU-s" divides
+that out: a rank's images per CPU-second vs a concurrent bare loop's, i.e. the cost of the work the runtime adds on
+the rank itself (DeepSpeed's bucketing and collectives, EMA, batch hand-off). "steal" is the share of this VM's CPU
+time the hypervisor gave to other guests during the runtime run (start-up included).
 """
 from __future__ import annotations
 
@@ -42,8 +49,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
-def bare_rate(cfg, images, *, batch: int, warmup: int, windows: int, window_steps: int) -> float:
-    """Median images/s of a single-threaded loop: the teacher step on in-memory tensors, plain optimizers."""
+def bare_rate(cfg, images, *, batch: int, warmup: int, windows: int, window_steps: int) -> tuple[float, float]:
+    """(median images/s, median cores kept busy) of a single-threaded loop: the teacher step on in-memory tensors,
+    plain optimizers."""
     import torch
 
     from pagoda_dist.runtime import PlainDriver
@@ -64,18 +72,20 @@ def bare_rate(cfg, images, *, batch: int, warmup: int, windows: int, window_step
 
         for _ in range(warmup):
             step()
-        rates = []
+        rates, cpu = [], []
         for _ in range(windows):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for _ in range(window_steps):
                 step()
-            rates.append(window_steps * batch / (time.perf_counter() - start))
-        return statistics.median(rates)
+            seconds = time.perf_counter() - start
+            rates.append(window_steps * batch / seconds)
+            cpu.append((time.process_time() - start_cpu) / seconds)
+        return statistics.median(rates), statistics.median(cpu)
     finally:
         torch.set_num_threads(threads)
 
 
-def _bare_rate_at(start_at: float, cfg, images, kwargs: dict) -> float:
+def _bare_rate_at(start_at: float, cfg, images, kwargs: dict) -> tuple[float, float]:
     """bare_rate in a child process, its timed windows starting at wall time `start_at` (so the copies overlap)."""
     import torch
 
@@ -87,19 +97,32 @@ def _bare_rate_at(start_at: float, cfg, images, kwargs: dict) -> float:
     return bare_rate(cfg, images, **kwargs)
 
 
-def concurrent_bare_rate(cfg, images, copies: int, start_delay_s: float = 20.0, **kwargs) -> float:
-    """Median per-process images/s of `copies` bare loops running at the same time, one process (one thread) each."""
+def concurrent_bare_rate(cfg, images, copies: int, start_delay_s: float = 20.0, **kwargs) -> tuple[float, float]:
+    """Median per-process (images/s, cores kept busy) of `copies` bare loops running at the same time, one process
+    (one thread) each."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     start_at = time.time() + start_delay_s  # covers spawning the processes and importing torch in each
     with ProcessPoolExecutor(copies, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_bare_rate_at, start_at, cfg, images.cpu(), kwargs) for _ in range(copies)]
-        return statistics.median(f.result() for f in futures)
+        results = [f.result() for f in [pool.submit(_bare_rate_at, start_at, cfg, images.cpu(), kwargs)
+                                        for _ in range(copies)]]
+        return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
 
 
-def runtime_rate(cfg, *, warmup_windows: int) -> tuple[float, dict[str, float]]:
-    """Median images/s (all workers) over the log windows after the warm-up ones, and the last record's peaks."""
+def steal_share() -> tuple[int, int] | None:
+    """(steal, total) CPU ticks of this machine so far from /proc/stat (None off Linux): the time a hypervisor gave
+    this VM's cores to other guests. A difference of two readings is the share stolen in between."""
+    try:
+        ticks = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return ticks[7], sum(ticks[:8])
+
+
+def runtime_rate(cfg, *, warmup_windows: int) -> tuple[float, float, dict[str, float]]:
+    """Median images/s (all workers) and median cores each rank kept busy over the log windows after the warm-up
+    ones, and the last record's peaks."""
     from pagoda_dist.pipeline import reader_source, teacher_stage
     from pagoda_dist.runtime import train_stage
 
@@ -107,7 +130,8 @@ def runtime_rate(cfg, *, warmup_windows: int) -> tuple[float, dict[str, float]]:
         result = train_stage(cfg, teacher_stage, reader_source, stage_name="teacher", local_dir=local)
     timed = result.history[warmup_windows:]
     peaks = {k: v for k, v in result.history[-1].items() if k.startswith("peak_")}
-    return statistics.median(r["images_per_s"] for r in timed), peaks
+    return (statistics.median(r["images_per_s"] for r in timed), statistics.median(r["cpu_per_rank"] for r in timed),
+            peaks)
 
 
 def main() -> None:
@@ -181,39 +205,51 @@ def main() -> None:
             n = args.workers
             print(f"{'ZeRO':>4} {'round':>5} {'runtime img/s':>13} {'per core':>9} {'bare before/after':>17} "
                   f"{'drift':>6} {'ratio':>6} {f'bare x{n} before/after':>20} {f'ratio x{n}':>8} "
+                  f"{'CPU/rank':>8} {f'bare x{n} CPU':>11} {'per CPU-s':>9} {'steal':>6} "
                   f"{'peak RSS/rank MiB':>17}" + (f" {'peak GPU/rank MiB':>17}" if args.gpu else ""), flush=True)
             timing = dict(batch=args.batch, warmup=args.warmup_steps, windows=args.windows,
                           window_steps=args.window_steps)
 
-            def measure_bare() -> tuple[float, float]:
-                """(one bare loop alone, per-process median of --workers bare loops at once); the latter is only
-                measured on the CPU, where the workers share this machine's cores."""
+            def measure_bare() -> tuple[tuple[float, float], tuple[float, float]]:
+                """((rate, cores busy) of one bare loop alone, per-process medians of --workers bare loops at once);
+                the latter is only measured on the CPU, where the workers share this machine's cores."""
                 alone = bare_rate(base, images, **timing)
                 together = concurrent_bare_rate(base, images, n, **timing) if not args.gpu and n > 1 else alone
                 return alone, together
 
-            summary: dict[int, tuple[list[float], list[float]]] = {}
+            summary: dict[int, tuple[list[float], list[float], list[float]]] = {}
             before = measure_bare()
             for zero in args.zero:
-                ratios, ratios_n = summary.setdefault(zero, ([], []))
+                ratios, ratios_n, ratios_cpu = summary.setdefault(zero, ([], [], []))
                 for round_index in range(args.rounds):
-                    rate, peaks = runtime_rate(runtime_config(zero), warmup_windows=warmup_windows)
+                    steal_start = steal_share()
+                    rate, cpu, peaks = runtime_rate(runtime_config(zero), warmup_windows=warmup_windows)
+                    steal_end = steal_share()
                     after = measure_bare()
                     per_core = rate / n
-                    ratios.append(per_core / ((before[0] + after[0]) / 2))
-                    ratios_n.append(per_core / ((before[1] + after[1]) / 2))
+                    bare_alone = (before[0][0] + after[0][0]) / 2
+                    bare_n, bare_n_cpu = ((before[1][i] + after[1][i]) / 2 for i in (0, 1))
+                    ratios.append(per_core / bare_alone)
+                    ratios_n.append(per_core / bare_n)
+                    # Images per CPU-second of a rank vs of a concurrent bare loop: what a rank does with the core
+                    # time it gets, apart from how much of its core it gets.
+                    ratios_cpu.append((per_core / cpu) / (bare_n / bare_n_cpu) if cpu > 0 else float("nan"))
+                    steal = ((steal_end[0] - steal_start[0]) / max(steal_end[1] - steal_start[1], 1)
+                             if steal_start and steal_end else float("nan"))
                     line = (f"{zero:>4} {round_index + 1:>5} {rate:>13.1f} {per_core:>9.1f} "
-                            f"{f'{before[0]:.1f}/{after[0]:.1f}':>17} {after[0] / before[0] - 1:>+6.0%} "
-                            f"{ratios[-1]:>6.2f} {f'{before[1]:.1f}/{after[1]:.1f}':>20} {ratios_n[-1]:>8.2f} "
+                            f"{f'{before[0][0]:.1f}/{after[0][0]:.1f}':>17} {after[0][0] / before[0][0] - 1:>+6.0%} "
+                            f"{ratios[-1]:>6.2f} {f'{before[1][0]:.1f}/{after[1][0]:.1f}':>20} {ratios_n[-1]:>8.2f} "
+                            f"{cpu:>8.2f} {bare_n_cpu:>11.2f} {ratios_cpu[-1]:>9.2f} {steal:>6.1%} "
                             f"{peaks.get('peak_rss_mb', float('nan')):>17.0f}")
                     if args.gpu:
                         line += f" {peaks.get('peak_gpu_mb', float('nan')):>17.0f}"
                     print(line, flush=True)
                     before = after
             print(f"\nmedian over {args.rounds} round(s), runtime per core vs one bare loop alone / vs {n} bare loops at "
-                  "once (goal >= 0.90x):")
-            for zero, (ratios, ratios_n) in summary.items():
-                print(f"  ZeRO-{zero}: {statistics.median(ratios):.2f}x / {statistics.median(ratios_n):.2f}x")
+                  "once (goal >= 0.90x) / per CPU-second a rank got vs a concurrent bare loop's:")
+            for zero, (ratios, ratios_n, ratios_cpu) in summary.items():
+                print(f"  ZeRO-{zero}: {statistics.median(ratios):.2f}x / {statistics.median(ratios_n):.2f}x / "
+                      f"{statistics.median(ratios_cpu):.2f}x")
             bare_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             print(f"\nbare loop process peak RSS {bare_rss:.0f} MiB (includes the benchmark's own set-up); "
                   f"load average {os.getloadavg()[0]:.1f}; torch {torch.__version__}")

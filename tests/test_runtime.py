@@ -473,3 +473,25 @@ def test_mfu_divides_by_the_best_peak_measured_so_far() -> None:
         record = telemetry.log(nimg)
     assert telemetry.peak_flops == 4e9  # the 2e9 reading of the second log did not lower it
     assert record["mfu"] == pytest.approx(record["tflops_per_rank"] * 1e12 / 4e9)
+
+
+def test_cpu_per_rank_tells_a_busy_window_from_a_waiting_one() -> None:
+    """`cpu_per_rank` is the cores a rank's process kept busy over the log window: a rank that computes the whole
+    window reads about one core, a rank that waits (here: sleeps, as when blocked on a peer or on data) about none."""
+    import time
+
+    from pagoda_dist.runtime.comm import SoloComm
+    from pagoda_dist.runtime.telemetry import Telemetry
+
+    telemetry = Telemetry(SoloComm(), stage="teacher", start_nimg=0, total_nimg=100)
+    end = time.perf_counter() + 0.5
+    x = torch.randn(256, 256)
+    while time.perf_counter() < end:
+        x = torch.tanh(x @ x.T / 256)
+    telemetry.add({"loss": 1.0})
+    busy = telemetry.log(10)["cpu_per_rank"]
+    time.sleep(0.5)
+    telemetry.add({"loss": 1.0})
+    waiting = telemetry.log(20)["cpu_per_rank"]
+    assert busy > 0.3 and waiting < 0.1, (busy, waiting)
+    assert "cpu_per_rank" not in telemetry._line(telemetry.history[-1])  # not printed as if it were a loss

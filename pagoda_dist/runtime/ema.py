@@ -32,8 +32,10 @@ class Ema:
         with gather(list(params.values())):
             if self.net is None:
                 return
-            for name, ema_param in self.net.named_parameters():
-                ema_param.lerp_(params[name].detach().float(), 1.0 - beta)
+            names, ema_params = zip(*self.net.named_parameters())
+            # One multi-tensor kernel instead of a Python loop over ~100s of tensors: the keeper rank does this
+            # alone while its peers wait at the next step's collective.
+            torch._foreach_lerp_(list(ema_params), [params[name].detach().float() for name in names], 1.0 - beta)
             live_buffers = dict(live.named_buffers())
             for name, ema_buffer in self.net.named_buffers():
                 ema_buffer.copy_(live_buffers[name])

@@ -2,11 +2,13 @@
 
 Losses are summed per rank between log points and averaged over steps and ranks at each log point (one
 all-reduce per log, none per step); each record also holds the largest rank's peak memory (RSS, and the GPU
-allocator's peak on a GPU). MFU divides the FLOPs of one counted training step by the time per step and
+allocator's peak on a GPU) and `cpu_per_rank`, the cores each rank's process kept busy over the window (mean
+over ranks): below `runtime.cpus_per_worker` on a CPU run, the ranks waited (on each other, on data) or were
+crowded off their cores by other processes. MFU divides the FLOPs of one counted training step by the time per step and
 the machine's measured matmul peak (`eval.flops.estimate_peak_flops`, measured on every rank at once so each
 sees its share of a shared machine). A peak measured while other jobs load the machine reads low and would make
-MFU read high, so a short measurement is repeated at every log point and the best one kept. The count runs only on the first step of a fresh run and travels in the
-checkpoint: under a counting dispatch mode bf16 kernels round differently, so counting a step after a resume would
+MFU read high, so a short measurement is repeated at every log point and the best one kept. The count runs only
+on the first step of a fresh run and travels in the checkpoint: under a counting dispatch mode bf16 kernels round differently, so counting a step after a resume would
 break the exact continuation.
 """
 from __future__ import annotations
@@ -61,6 +63,7 @@ class Telemetry:
         self._steps = 0
         self._last_nimg = start_nimg
         self._last_time = time.perf_counter()
+        self._last_cpu = time.process_time()
 
     def counting(self) -> AbstractContextManager:
         """Wrap every optimizer step in this: the first one of a fresh run is counted (forward, backward, all
@@ -85,10 +88,14 @@ class Telemetry:
         record: dict[str, float] = {"nimg": nimg, "kimg": nimg / 1000.0, **losses,
                                     "images_per_s": images / seconds,
                                     "sec_per_kimg": seconds / max(images, 1) * 1000.0}
-        ranks = self.comm.gather({**_peak_memory_mb(), "corrupt_samples": corrupt_samples})
-        # Peaks: the largest rank's (what each worker's machine must hold); corrupt samples: all ranks'.
-        record.update({key: max(r[key] for r in ranks) for key in ranks[0] if key != "corrupt_samples"})
+        cpu = time.process_time()
+        ranks = self.comm.gather({**_peak_memory_mb(), "corrupt_samples": corrupt_samples,
+                                  "cpu_per_rank": (cpu - self._last_cpu) / seconds})
+        # Peaks: the largest rank's (what each worker's machine must hold); corrupt samples: all ranks'; CPU: the
+        # mean over ranks of the cores each rank's process kept busy (all its threads; its loader processes not).
+        record.update({key: max(r[key] for r in ranks) for key in ranks[0] if key.startswith("peak_")})
         record["corrupt_samples"] = sum(r["corrupt_samples"] for r in ranks)
+        record["cpu_per_rank"] = sum(r["cpu_per_rank"] for r in ranks) / len(ranks)
         if self.flops_per_step is not None and self.peak_flops and self._steps:
             per_rank = self.flops_per_step * self._steps / seconds
             record["tflops_per_rank"] = per_rank / 1e12
@@ -103,7 +110,7 @@ class Telemetry:
                 with self.jsonl.open("a") as f:
                     f.write(json.dumps(record) + "\n")
         self._sums, self._steps = {}, 0
-        self._last_nimg, self._last_time = nimg, now
+        self._last_nimg, self._last_time, self._last_cpu = nimg, now, cpu
         self._maybe_remeasure_peak()
         return record
 
@@ -114,6 +121,7 @@ class Telemetry:
             return
         self.peak_flops = max(self.peak_flops or 0.0, self._measure_peak(quick=True))
         self._peak_measured = self._last_time = time.perf_counter()
+        self._last_cpu = time.process_time()
 
     def _line(self, r: dict[str, float]) -> str:
         rate = r["images_per_s"]
@@ -130,7 +138,7 @@ class Telemetry:
 
 
 _NOT_LOSSES = {"nimg", "kimg", "images_per_s", "sec_per_kimg", "tflops_per_rank", "mfu", "peak_rss_mb",
-               "peak_gpu_mb", "corrupt_samples"}
+               "peak_gpu_mb", "corrupt_samples", "cpu_per_rank"}
 
 
 def _peak_memory_mb() -> dict[str, float]:
