@@ -45,13 +45,25 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
-def bare_rate(cfg, images, *, batch: int, warmup: int, windows: int, window_steps: int) -> tuple[float, float]:
-    """(median images/s, median cores kept busy) of a single-threaded loop: the teacher step on in-memory tensors,
-    plain optimizers."""
+class Rate(NamedTuple):
+    """A bare loop's median images/s and the median cores its process kept busy."""
+
+    images_per_s: float
+    cpu: float
+
+
+def midpoint(a: Rate, b: Rate) -> Rate:
+    """The mean of the bare measurements before and after a runtime run."""
+    return Rate((a.images_per_s + b.images_per_s) / 2, (a.cpu + b.cpu) / 2)
+
+
+def bare_rate(cfg, images, *, batch: int, warmup: int, windows: int, window_steps: int) -> Rate:
+    """A single-threaded loop: the teacher step on in-memory tensors, plain optimizers."""
     import torch
 
     from pagoda_dist.runtime import PlainDriver
@@ -80,12 +92,12 @@ def bare_rate(cfg, images, *, batch: int, warmup: int, windows: int, window_step
             seconds = time.perf_counter() - start
             rates.append(window_steps * batch / seconds)
             cpu.append((time.process_time() - start_cpu) / seconds)
-        return statistics.median(rates), statistics.median(cpu)
+        return Rate(statistics.median(rates), statistics.median(cpu))
     finally:
         torch.set_num_threads(threads)
 
 
-def _bare_rate_at(start_at: float, cfg, images, kwargs: dict) -> tuple[float, float]:
+def _bare_rate_at(start_at: float, cfg, images, kwargs: dict) -> Rate:
     """bare_rate in a child process, its timed windows starting at wall time `start_at` (so the copies overlap)."""
     import torch
 
@@ -97,17 +109,16 @@ def _bare_rate_at(start_at: float, cfg, images, kwargs: dict) -> tuple[float, fl
     return bare_rate(cfg, images, **kwargs)
 
 
-def concurrent_bare_rate(cfg, images, copies: int, start_delay_s: float = 20.0, **kwargs) -> tuple[float, float]:
-    """Median per-process (images/s, cores kept busy) of `copies` bare loops running at the same time, one process
-    (one thread) each."""
+def concurrent_bare_rate(cfg, images, copies: int, start_delay_s: float = 20.0, **kwargs) -> Rate:
+    """Per-process medians of `copies` bare loops running at the same time, one process (one thread) each."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     start_at = time.time() + start_delay_s  # covers spawning the processes and importing torch in each
     with ProcessPoolExecutor(copies, mp_context=multiprocessing.get_context("spawn")) as pool:
-        results = [f.result() for f in [pool.submit(_bare_rate_at, start_at, cfg, images.cpu(), kwargs)
-                                        for _ in range(copies)]]
-        return statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
+        futures = [pool.submit(_bare_rate_at, start_at, cfg, images.cpu(), kwargs) for _ in range(copies)]
+        results = [f.result() for f in futures]
+        return Rate(statistics.median(r.images_per_s for r in results), statistics.median(r.cpu for r in results))
 
 
 def steal_share() -> tuple[int, int] | None:
@@ -210,9 +221,9 @@ def main() -> None:
             timing = dict(batch=args.batch, warmup=args.warmup_steps, windows=args.windows,
                           window_steps=args.window_steps)
 
-            def measure_bare() -> tuple[tuple[float, float], tuple[float, float]]:
-                """((rate, cores busy) of one bare loop alone, per-process medians of --workers bare loops at once);
-                the latter is only measured on the CPU, where the workers share this machine's cores."""
+            def measure_bare() -> tuple[Rate, Rate]:
+                """(one bare loop alone, per-process medians of --workers bare loops at once); the latter is only
+                measured on the CPU, where the workers share this machine's cores."""
                 alone = bare_rate(base, images, **timing)
                 together = concurrent_bare_rate(base, images, n, **timing) if not args.gpu and n > 1 else alone
                 return alone, together
@@ -227,19 +238,20 @@ def main() -> None:
                     steal_end = steal_share()
                     after = measure_bare()
                     per_core = rate / n
-                    bare_alone = (before[0][0] + after[0][0]) / 2
-                    bare_n, bare_n_cpu = ((before[1][i] + after[1][i]) / 2 for i in (0, 1))
-                    ratios.append(per_core / bare_alone)
-                    ratios_n.append(per_core / bare_n)
+                    alone, together = midpoint(before[0], after[0]), midpoint(before[1], after[1])
+                    ratios.append(per_core / alone.images_per_s)
+                    ratios_n.append(per_core / together.images_per_s)
                     # Images per CPU-second of a rank vs of a concurrent bare loop: what a rank does with the core
                     # time it gets, apart from how much of its core it gets.
-                    ratios_cpu.append((per_core / cpu) / (bare_n / bare_n_cpu) if cpu > 0 else float("nan"))
+                    ratios_cpu.append((per_core / cpu) / (together.images_per_s / together.cpu) if cpu > 0
+                                      else float("nan"))
                     steal = ((steal_end[0] - steal_start[0]) / max(steal_end[1] - steal_start[1], 1)
                              if steal_start and steal_end else float("nan"))
                     line = (f"{zero:>4} {round_index + 1:>5} {rate:>13.1f} {per_core:>9.1f} "
-                            f"{f'{before[0][0]:.1f}/{after[0][0]:.1f}':>17} {after[0][0] / before[0][0] - 1:>+6.0%} "
-                            f"{ratios[-1]:>6.2f} {f'{before[1][0]:.1f}/{after[1][0]:.1f}':>20} {ratios_n[-1]:>8.2f} "
-                            f"{cpu:>8.2f} {bare_n_cpu:>11.2f} {ratios_cpu[-1]:>9.2f} {steal:>6.1%} "
+                            f"{f'{before[0].images_per_s:.1f}/{after[0].images_per_s:.1f}':>17} "
+                            f"{after[0].images_per_s / before[0].images_per_s - 1:>+6.0%} {ratios[-1]:>6.2f} "
+                            f"{f'{before[1].images_per_s:.1f}/{after[1].images_per_s:.1f}':>20} {ratios_n[-1]:>8.2f} "
+                            f"{cpu:>8.2f} {together.cpu:>11.2f} {ratios_cpu[-1]:>9.2f} {steal:>6.1%} "
                             f"{peaks.get('peak_rss_mb', float('nan')):>17.0f}")
                     if args.gpu:
                         line += f" {peaks.get('peak_gpu_mb', float('nan')):>17.0f}"

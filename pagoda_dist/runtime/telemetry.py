@@ -4,12 +4,14 @@ Losses are summed per rank between log points and averaged over steps and ranks 
 all-reduce per log, none per step); each record also holds the largest rank's peak memory (RSS, and the GPU
 allocator's peak on a GPU) and `cpu_per_rank`, the cores each rank's process kept busy over the window (mean
 over ranks): below `runtime.cpus_per_worker` on a CPU run, the ranks waited (on each other, on data) or were
-crowded off their cores by other processes. MFU divides the FLOPs of one counted training step by the time per step and
-the machine's measured matmul peak (`eval.flops.estimate_peak_flops`, measured on every rank at once so each
-sees its share of a shared machine). A peak measured while other jobs load the machine reads low and would make
-MFU read high, so a short measurement is repeated at every log point and the best one kept. The count runs only
-on the first step of a fresh run and travels in the checkpoint: under a counting dispatch mode bf16 kernels round differently, so counting a step after a resume would
-break the exact continuation.
+crowded off their cores by other processes.
+
+MFU divides the FLOPs of one counted training step by the time per step and the machine's measured matmul peak
+(`eval.flops.estimate_peak_flops`, measured on every rank at once so each sees its share of a shared machine). A
+peak measured while other jobs load the machine reads low and would make MFU read high, so a short measurement is
+repeated at every log point and the best one kept. The count runs only on the first step of a fresh run and
+travels in the checkpoint: under a counting dispatch mode bf16 kernels round differently, so counting a step after
+a resume would break the exact continuation.
 """
 from __future__ import annotations
 
