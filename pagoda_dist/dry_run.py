@@ -104,7 +104,8 @@ def describe(cfg: Config, source: str) -> str:
                f"{inv['nfe_per_image']} network evaluations, {inv['flops_per_image'] / 1e9:.2f} GFLOP"
                + (" (x2 with flips)" if pre.flip else "") + f"; {pre.min_actors}-{pre.max_actors} actors")
     saving = ledger["teacher_saving"]
-    out += ["  (params: every network of the stage, the generator and its discriminator where it has one; trainable: what the optimizers update)",
+    out += ["  (params: every network of the stage, the generator and its discriminator where it has one; "
+            "trainable: what the optimizers update)",
             "", f"  teacher training FLOPs per image: {saving['teacher_flops_per_image_at_base'] / 1e9:.2f} G at "
                 f"{m.resolution}px vs {saving['teacher_flops_per_image_at_final'] / 1e9:.2f} G for the same network "
                 f"at {saving['final_resolution']}px: {saving['ratio']:.1f}x saved by the low-resolution teacher"]
