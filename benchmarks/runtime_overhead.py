@@ -12,8 +12,9 @@ with the same loss and the same per-worker batch on this machine, in one run:
   control that isolates the runtime: the runtime keeps every core busy at once, and a machine whose cores share
   caches, memory bandwidth or a physical core (SMT) runs each busy core slower than a lone one;
 - runtime: `train_stage` with --workers Ray Train workers (one CPU each), one DeepSpeed engine each, the tiles
-  streamed from WebDataset shards in a fresh bucket of an embedded S3 server (decoded and downsampled on the fly),
-  EMA, telemetry; no checkpoint or sample grid inside the timed windows.
+  streamed from WebDataset shards in a fresh bucket of an embedded S3 server (decoded and downsampled on the fly
+  by one DataLoader worker per rank, at the configured `data.loader_priority`: pass `data.loader_priority=normal`
+  to see what the idle class saves), EMA, telemetry; no checkpoint or sample grid inside the timed windows.
 
 Rates are medians over timing windows of --window-steps optimizer steps after --warmup-steps; the runtime's come
 from its own per-window log records. "per core" divides the runtime's rate by the workers (each holds one core),

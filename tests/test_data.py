@@ -309,6 +309,25 @@ def test_determinism_and_workers_do_not_change_the_stream(tiles: str, tmp_path: 
         assert storage.read_bytes(storage.join(again, name)) == storage.read_bytes(storage.join(tiles, name))
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
+@pytest.mark.parametrize("priority", ["idle", "normal"])
+def test_loader_priority_sets_the_workers_scheduling_class(tiles: str, priority: str) -> None:
+    """With loader_priority=idle every thread of the DataLoader worker (its fetch threads too) is SCHED_IDLE."""
+    stream = iter(StreamingReader(tiles, batch_size=8, num_workers=1, seed=0, loader_priority=priority))
+    try:
+        next(stream)  # the worker is up and its fetch threads have started
+        me, command = str(os.getpid()), Path("/proc/self/cmdline").read_bytes()
+        # Forked DataLoader workers: children of this process with its command line (not e.g. an S3 server).
+        children = [pid for pid in os.listdir("/proc") if pid.isdigit()
+                    and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] == me
+                    and Path(f"/proc/{pid}/cmdline").read_bytes() == command]
+        policies = {os.sched_getscheduler(int(tid)) for pid in children for tid in os.listdir(f"/proc/{pid}/task")}
+    finally:
+        stream.close()
+    assert children
+    assert policies == ({os.SCHED_IDLE} if priority == "idle" else {os.SCHED_OTHER})
+
+
 def test_exact_resume_two_ranks_two_workers_on_s3(s3_env: str, tiles: str) -> None:
     url = storage.join(s3_env, "tiles")
     storage.upload_dir(storage.filesystem(tiles)[1], url)  # the committed folder, COMMIT included

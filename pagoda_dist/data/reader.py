@@ -28,6 +28,7 @@ next valid sample of the rank's epoch order (a deterministic choice, so resume s
 from __future__ import annotations
 
 import collections
+import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields, replace
@@ -49,6 +50,7 @@ from pagoda_dist.models.conditioning import Condition
 from pagoda_dist.stages.base import Batch, StageInputs
 
 ConditionMode = Literal["auto", "class", "text", "none"]
+LoaderPriority = Literal["idle", "normal"]
 MAX_REPLACEMENTS = 256  # consecutive corrupt samples tolerated before the data is declared broken
 RECENT_CORRUPT = 100
 
@@ -154,6 +156,20 @@ class _ChunkFetcher:
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def lower_to_idle_priority(worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: this worker (and the fetch threads it starts) runs only on otherwise idle cores.
+
+    A worker at normal priority that wakes to decode takes a core from a training rank, and with synchronous data
+    parallelism every other rank then waits for that one at the next collective: a few percent of decoding costs
+    a few percent of *every* rank. In the idle class the decoding fills the moments the ranks wait anyway; if the
+    ranks never wait, the prefetched batches run out, a rank blocks on the loader, and the loader gets the core.
+    Off Linux (no SCHED_IDLE) the lowest priority, nice 19, is the nearest thing."""
+    if hasattr(os, "SCHED_IDLE"):
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    else:
+        os.nice(19)
 
 
 class RankStream(IterableDataset):
@@ -268,12 +284,14 @@ class StreamingReader:
                  rank: int = 0, world_size: int = 1, num_workers: int = 0, seed: int = 0,
                  shuffle_window: int = 1024, chunk_size: int | None = None, condition: ConditionMode = "auto",
                  needs_latents: bool = False, hflip: bool = False, prefetch_batches: int = 2,
-                 io_threads: int = 4, pin_memory: bool = False, manifest: Manifest | None = None) -> None:
+                 io_threads: int = 4, pin_memory: bool = False, loader_priority: LoaderPriority = "normal",
+                 manifest: Manifest | None = None) -> None:
         """url: committed shard folder; resolution: output side (None: as stored; lower: box-downsampled);
         rank / world_size: this rank's share; num_workers: DataLoader processes (0: in this process);
         shuffle_window: samples permuted together (data.shuffle_buffer); chunk_size: samples per range read
         (default shuffle_window // 4); condition: which labels to produce ("auto": whatever the data has);
-        needs_latents: read latent-pair shards; hflip: random horizontal flips (with latent_flip for pairs).
+        needs_latents: read latent-pair shards; hflip: random horizontal flips (with latent_flip for pairs);
+        loader_priority: "idle" lowers the DataLoader workers to the idle scheduling class (data.loader_priority).
         """
         self.url = url.rstrip("/")
         self.manifest = manifest if manifest is not None else read_manifest(self.url)
@@ -292,6 +310,7 @@ class StreamingReader:
         if chunk_size is None:  # a window then mixes >= 4 chunks from all over the dataset
             chunk_size = max(1, shuffle_window // 4)
         self.split, self.batch_size, self.num_workers, self.pin_memory = split, batch_size, num_workers, pin_memory
+        self.loader_priority = loader_priority
         self.position = 0
         self.corrupt_count = 0
         self.corrupt_keys: collections.deque[str] = collections.deque(maxlen=RECENT_CORRUPT)
@@ -330,7 +349,8 @@ class StreamingReader:
             source: Any = iter(dataset)
         else:
             loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
-                                persistent_workers=False, pin_memory=self.pin_memory)
+                                persistent_workers=False, pin_memory=self.pin_memory,
+                                worker_init_fn=lower_to_idle_priority if self.loader_priority == "idle" else None)
             source = iter(loader)
         try:
             for batch in source:
@@ -385,7 +405,7 @@ def reader_for(cfg: Config, inputs: StageInputs, *, batch_size: int, rank: int =
         cfg.pairs_url if inputs.needs_latents else cfg.shards_url, batch_size=batch_size, split=split,
         resolution=inputs.resolution, rank=rank, world_size=world_size, num_workers=cfg.data.loader_workers,
         seed=cfg.run.seed, shuffle_window=cfg.data.shuffle_buffer, condition=condition,
-        needs_latents=inputs.needs_latents)
+        needs_latents=inputs.needs_latents, loader_priority=cfg.data.loader_priority)
 
 
 def load_images(url: str, *, count: int, split: str = "val", resolution: int | None = None, seed: int = 0,

@@ -9,6 +9,19 @@ from typing import Any
 import torch
 
 
+class Vote:
+    """An `any` whose collective was started earlier and may still be in flight; `result()` waits for it."""
+
+    def __init__(self, flag: torch.Tensor, work: Any = None) -> None:
+        self._flag, self._work = flag, work
+
+    def result(self) -> bool:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return bool(self._flag.item() > 0)
+
+
 class Comm:
     """Collectives over the default torch.distributed group (CPU tensors: gloo; GPU: nccl)."""
 
@@ -28,6 +41,12 @@ class Comm:
         t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         self._dist.all_reduce(t, op=self._dist.ReduceOp.MAX)
         return bool(t.item() > 0)
+
+    def start_any(self, flag: bool) -> Vote:
+        """`any` without waiting: the vote travels while the caller works, and `result()` reads it later. A
+        collective the caller would otherwise wait on is a point where every rank waits for the slowest one."""
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        return Vote(t, self._dist.all_reduce(t, op=self._dist.ReduceOp.MAX, async_op=True))
 
     def all(self, flag: bool) -> bool:
         """True on every rank when `flag` is True on all of them."""
@@ -64,6 +83,9 @@ class SoloComm:
 
     def any(self, flag: bool) -> bool:
         return flag
+
+    def start_any(self, flag: bool) -> Vote:
+        return Vote(torch.tensor([1.0 if flag else 0.0]))
 
     def all(self, flag: bool) -> bool:
         return flag

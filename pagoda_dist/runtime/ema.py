@@ -9,12 +9,25 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 
 # A context manager that makes the given parameters whole for its duration (ZeRO-3 gather), or does nothing.
 Gather = Callable[[list[nn.Parameter]], AbstractContextManager]
+
+
+@dataclass
+class _Pairs:
+    """A live network's tensors in the order of the average's (empty lists on ranks that keep no average)."""
+
+    live: nn.Module
+    gathered: list[nn.Parameter]  # every live parameter: what a ZeRO-3 gather must make whole
+    live_params: list[nn.Parameter] = field(default_factory=list)
+    ema_params: list[Tensor] = field(default_factory=list)
+    live_buffers: list[Tensor] = field(default_factory=list)
+    ema_buffers: list[Tensor] = field(default_factory=list)
 
 
 class Ema:
@@ -24,21 +37,38 @@ class Ema:
         self.net: nn.Module | None = None
         if keep:
             self.net = copy.deepcopy(net).float().eval().requires_grad_(False)
+        self._pairs: _Pairs | None = None
+
+    def _pairs_for(self, live: nn.Module) -> _Pairs:
+        """The live tensors matched to the average's, found once: walking the module tree by name every step costs
+        more than the update itself on a small network. The engines keep their parameter objects for the whole run
+        (ZeRO-3 partitions them in place), so the match stays valid."""
+        if self._pairs is None or self._pairs.live is not live:
+            params = dict(live.named_parameters())
+            pairs = _Pairs(live, list(params.values()))
+            if self.net is not None:
+                buffers = dict(live.named_buffers())
+                for name, p in self.net.named_parameters():
+                    pairs.ema_params.append(p)
+                    pairs.live_params.append(params[name])
+                for name, b in self.net.named_buffers():
+                    pairs.ema_buffers.append(b)
+                    pairs.live_buffers.append(buffers[name])
+            self._pairs = pairs
+        return self._pairs
 
     @torch.no_grad()
     def update(self, live: nn.Module, beta: float, gather: Gather) -> None:
         """ema = beta * ema + (1 - beta) * live, for parameters; buffers are copied (collective under ZeRO-3)."""
-        params = dict(live.named_parameters())
-        with gather(list(params.values())):
+        pairs = self._pairs_for(live)
+        with gather(pairs.gathered):
             if self.net is None:
                 return
-            names, ema_params = zip(*self.net.named_parameters())
             # One multi-tensor kernel instead of a Python loop over ~100s of tensors: the keeper rank does this
             # alone while its peers wait at the next step's collective.
-            torch._foreach_lerp_(list(ema_params), [params[name].detach().float() for name in names], 1.0 - beta)
-            live_buffers = dict(live.named_buffers())
-            for name, ema_buffer in self.net.named_buffers():
-                ema_buffer.copy_(live_buffers[name])
+            torch._foreach_lerp_(pairs.ema_params, [p.detach().float() for p in pairs.live_params], 1.0 - beta)
+            for ema_buffer, live_buffer in zip(pairs.ema_buffers, pairs.live_buffers):
+                ema_buffer.copy_(live_buffer)
 
     def state_dict(self) -> dict[str, Tensor]:
         if self.net is None:

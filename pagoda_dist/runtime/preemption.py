@@ -4,8 +4,9 @@ Workers. Python signal handlers can only be installed from a process's main thre
 the training function in another thread while its main thread serves actor calls. `ray_backend.PreemptibleTorchConfig`
 therefore installs the handler through Ray Train's backend hook, which executes on each worker's main thread when
 the worker group starts (and again on every restart). The handler only sets a flag; the training loop polls it at
-step boundaries (agreeing across ranks, so all ranks save the same step), saves and returns. A watchdog ends the
-process `grace_s` seconds after the request in case the save cannot finish (e.g. a peer is already gone).
+step boundaries (agreeing across ranks through a vote that travels during the next step, so all ranks save the same
+step: the one after the step under way), saves and returns. A watchdog ends the process `grace_s` seconds after
+the request in case the save cannot finish (e.g. a peer is already gone).
 
 Driver. A scheduler may signal only the process that called `train_stage` (a batch system's job step, a pod whose
 workers run elsewhere). `forwarding_sigterm` turns that signal into the same request on every worker, through a

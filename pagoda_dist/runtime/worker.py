@@ -190,10 +190,15 @@ def run_worker(job: WorkerJob, rank: int, world_size: int, device: torch.device)
     saved = latest
     preempted = False
     loop_start = time.perf_counter()
+    # The ranks agree on stopping (SIGTERM) through a vote started one step before it is read: read at once, it
+    # would be one more point per step where every rank waits for the slowest. A stop therefore lands one step
+    # later, on the same step on every rank.
+    stop_vote = comm.start_any(preemption.stop_requested())
     while nimg < total_nimg:
-        if comm.any(preemption.stop_requested()):
+        if stop_vote.result():
             preempted = True
             break
+        stop_vote = comm.start_any(preemption.stop_requested())
         driver.begin_step(nimg)
         sums: dict[str, float] = {}
         with telemetry.counting():
@@ -212,6 +217,8 @@ def run_worker(job: WorkerJob, rank: int, world_size: int, device: torch.device)
             grid.write(ema.net, nimg)
         if crossed(before, nimg, log.checkpoint_every_kimg) or done:
             saved = save()
+    if not preempted:
+        stop_vote.result()  # every rank started it: finish the collective before the next one
     if preempted:
         if saved is None or saved.nimg != nimg:
             saved = save()
