@@ -276,8 +276,8 @@ def main() -> None:
                         line += f" {peaks.get('peak_gpu_mb', float('nan')):>17.0f}"
                     print(line, flush=True)
                     before = after
-            print(f"\nmedian over {args.rounds} round(s), runtime per core vs one bare loop alone / vs {n} bare loops at "
-                  "once (goal >= 0.90x) / per CPU-second a rank got vs a concurrent bare loop's:")
+            print(f"\nmedian over {args.rounds} round(s), runtime per core vs one bare loop alone / vs {n} bare loops "
+                  "at once (goal >= 0.90x) / per CPU-second a rank got vs a concurrent bare loop's:")
             for zero, rounds in summary.items():
                 calm = [r for r in rounds if r.steal < args.max_steal]
                 line = f"  ZeRO-{zero}: {medians(rounds)}"

@@ -416,7 +416,8 @@ class Config:
             per_step = self.runtime.num_workers * stage.grad_accum
             require(stage.batch_size % per_step == 0, key,
                     f"{stage.batch_size} is not divisible by runtime.num_workers x grad_accum = {per_step}")
-        require(not (self.runtime.precision == "bf16" and self.runtime.zero_stage == 0 and self.runtime.num_workers > 1),
+        rt = self.runtime
+        require(not (rt.precision == "bf16" and rt.zero_stage == 0 and rt.num_workers > 1),
                 "runtime.precision", "bf16 with several workers needs ZeRO stage >= 1")
         for key, adv in (("distill.adversarial", self.distill.adversarial),
                          ("grow.adversarial", self.grow.adversarial)):

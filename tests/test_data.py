@@ -328,6 +328,22 @@ def test_loader_priority_sets_the_workers_scheduling_class(tiles: str, priority:
     assert policies == ({os.SCHED_IDLE} if priority == "idle" else {os.SCHED_OTHER})
 
 
+def test_idle_priority_falls_back_to_nice_and_never_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sandbox that refuses SCHED_IDLE gets nice 19; one that refuses both leaves the worker running as it is."""
+    from pagoda_dist.data.reader import lower_to_idle_priority
+
+    def refuse(*args: object) -> int:
+        raise PermissionError("refused by the sandbox")
+
+    increments: list[int] = []
+    monkeypatch.setattr(os, "sched_setscheduler", refuse)
+    monkeypatch.setattr(os, "nice", lambda inc: increments.append(inc) or 4 + inc)
+    lower_to_idle_priority(0)
+    assert increments == [0, 15]  # from nice 4 up to 19
+    monkeypatch.setattr(os, "nice", refuse)
+    lower_to_idle_priority(0)
+
+
 def test_exact_resume_two_ranks_two_workers_on_s3(s3_env: str, tiles: str) -> None:
     url = storage.join(s3_env, "tiles")
     storage.upload_dir(storage.filesystem(tiles)[1], url)  # the committed folder, COMMIT included

@@ -28,6 +28,7 @@ next valid sample of the rank's epoch order (a deterministic choice, so resume s
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -165,11 +166,15 @@ def lower_to_idle_priority(worker_id: int) -> None:
     parallelism every other rank then waits for that one at the next collective: a few percent of decoding costs
     a few percent of *every* rank. In the idle class the decoding fills the moments the ranks wait anyway; if the
     ranks never wait, the prefetched batches run out, a rank blocks on the loader, and the loader gets the core.
-    Off Linux (no SCHED_IDLE) the lowest priority, nice 19, is the nearest thing."""
-    if hasattr(os, "SCHED_IDLE"):
+    Off Linux (no SCHED_IDLE), or where a sandbox refuses the call, the lowest priority, nice 19, is the nearest
+    thing; where that is refused too, the worker runs as it is (slower to share, never wrong)."""
+    try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    else:
-        os.nice(19)
+        return
+    except (AttributeError, OSError):
+        pass
+    with contextlib.suppress(OSError):
+        os.nice(19 - os.nice(0))
 
 
 class RankStream(IterableDataset):
