@@ -18,6 +18,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 SECRET_WORDS = ("secret", "password", "token", "access_key", "credential", "api_key")
+LoaderPriority = Literal["idle", "normal"]  # data.loader_priority: the DataLoader workers' CPU scheduling class
 
 
 class ConfigError(ValueError):
@@ -84,7 +85,7 @@ class DataConfig:
     val_fraction: float = knob(0.05, "fraction held out for evaluation (split by source photo where known)")
     prepare_workers: int = knob(2, "processes used by `pagoda prepare`")
     loader_workers: int = knob(1, "DataLoader worker processes per training rank")
-    loader_priority: Literal["idle", "normal"] = knob(
+    loader_priority: LoaderPriority = knob(
         "idle", "CPU priority of the DataLoader workers: idle (Linux SCHED_IDLE) runs them only on cores the "
                 "training ranks leave free, so decoding never preempts a rank its peers then wait for")
     shuffle_buffer: int = knob(1024, "samples mixed in the deterministic shuffle window (fewer: more S3 requests)")

@@ -46,12 +46,11 @@ from pagoda_dist.data.order import SampleOrder, hash64
 from pagoda_dist.data.samples import CorruptSample, Sample
 from pagoda_dist.data.shards import ShardIndex, decode_members, read_index
 from pagoda_dist.data.tensors import to_tensor
-from pagoda_dist.config import Config
+from pagoda_dist.config import Config, LoaderPriority
 from pagoda_dist.models.conditioning import Condition
 from pagoda_dist.stages.base import Batch, StageInputs
 
 ConditionMode = Literal["auto", "class", "text", "none"]
-LoaderPriority = Literal["idle", "normal"]
 MAX_REPLACEMENTS = 256  # consecutive corrupt samples tolerated before the data is declared broken
 RECENT_CORRUPT = 100
 

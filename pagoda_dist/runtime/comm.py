@@ -38,9 +38,7 @@ class Comm:
 
     def any(self, flag: bool) -> bool:
         """True on every rank when `flag` is True on at least one."""
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        self._dist.all_reduce(t, op=self._dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        return self.start_any(flag).result()
 
     def start_any(self, flag: bool) -> Vote:
         """`any` without waiting: the vote travels while the caller works, and `result()` reads it later. A

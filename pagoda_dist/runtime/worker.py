@@ -217,13 +217,13 @@ def run_worker(job: WorkerJob, rank: int, world_size: int, device: torch.device)
             grid.write(ema.net, nimg)
         if crossed(before, nimg, log.checkpoint_every_kimg) or done:
             saved = save()
-    if not preempted:
-        stop_vote.result()  # every rank started it: finish the collective before the next one
     if preempted:
         if saved is None or saved.nimg != nimg:
             saved = save()
         if rank == 0:
             print(f"[{job.stage_name}] stopped on SIGTERM after saving {saved.url}", flush=True)
+    else:
+        stop_vote.result()  # every rank started it: finish the collective before any other
     # Saved either way (a stop request that came after the last step found the final checkpoint written).
     preemption.stopped_cleanly()
     telemetry.finish()
