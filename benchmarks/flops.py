@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 from pagoda_dist.config import ModelConfig, SamplerConfig, load_config  # noqa: E402
 from pagoda_dist.diffusion import EDMPrecond, generator_output, sample  # noqa: E402
-from pagoda_dist.eval.flops import forward_flops_per_image, training_flops_per_image  # noqa: E402
-from pagoda_dist.models.conditioning import Condition  # noqa: E402
+from pagoda_dist.interfaces import Condition  # noqa: E402
 from pagoda_dist.models.unet import UNet  # noqa: E402
+from pagoda_dist.runtime.flops import forward_flops_per_image, training_flops_per_image  # noqa: E402
 
 # The reference teacher (docs/PAGODA.md): EDM's ImageNet-64 ADM UNet, grown to 512 by PaGoDA.
 PAPER_MODEL = ModelConfig(resolution=64, channels=192, channel_mult=[1, 2, 3, 4], num_res_blocks=3,

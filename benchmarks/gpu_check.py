@@ -17,7 +17,7 @@ Heun PF-ODE inversion on the reference's 40-point grid (78 network evaluations p
 MFU = counted FLOPs of one step (torch's FlopCounterMode, as `runtime.telemetry` counts them: matmuls,
 convolutions, attention; 2 FLOPs per multiply-add) / measured seconds per step / peak. Two peaks are reported:
 the datasheet dense peak of the GPU for the precision (H100 SXM / H200: 989 TFLOP/s bf16) and the measured dense
-matmul peak (`eval.flops.estimate_peak_flops`, what `runtime.worker` divides by).
+matmul peak (`runtime.flops.estimate_peak_flops`, what `runtime.worker` divides by).
 """
 from __future__ import annotations
 
@@ -93,8 +93,8 @@ def make_config(args: argparse.Namespace) -> Any:
 
 def synthetic_batch(cfg: Any, resolution: int, batch: int, latents: bool, device: torch.device) -> Any:
     """Images in [-1, 1], class labels, and (for the adversarial stages) latents at the base resolution."""
-    from pagoda_dist.models.conditioning import Condition
-    from pagoda_dist.stages import Batch
+    from pagoda_dist.interfaces import Condition
+    from pagoda_dist.interfaces import Batch
 
     g = torch.Generator().manual_seed(0)
     image = torch.rand(batch, 3, resolution, resolution, generator=g) * 2 - 1
@@ -109,18 +109,19 @@ def export_of(net: torch.nn.Module) -> dict[str, Any]:
     return {"architecture": net.architecture(), "ema": {k: v.detach().clone() for k, v in net.state_dict().items()}}
 
 
-def build_stage(cfg: Any, name: str) -> tuple[Any, int, bool]:
-    """The stage object, the resolution of its images and whether it needs latents."""
+def build_stage(cfg: Any, kind: str) -> tuple[Any, Any]:
+    """The stage object of the chain's first stage of `kind` (teacher, distill, grow) and its `StageSpec`."""
+    from pagoda_dist.chain import chain
     from pagoda_dist.models.unet import UNet
     from pagoda_dist.stages import build_distill, build_grow, build_teacher
 
-    if name == "teacher":
-        return build_teacher(cfg), cfg.model.resolution, False
+    spec = next(s for s in chain(cfg) if s.kind == kind)
+    if kind == "teacher":
+        return build_teacher(cfg), spec
     distill = build_distill(cfg, export_of(UNet(cfg.model)))  # an untrained teacher: speed does not need weights
-    if name == "distill":
-        return distill, cfg.model.resolution, True
-    grow_res = cfg.grow.resolutions[0]
-    return build_grow(cfg, export_of(distill.generator), grow_res), grow_res, True
+    if kind == "distill":
+        return distill, spec
+    return build_grow(cfg, spec, export_of(distill.generator)), spec
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -149,7 +150,7 @@ def counted_flops(fn: Callable[[], Any]) -> float:
 
 
 def peaks(device: torch.device, precision: str) -> dict[str, float | None]:
-    from pagoda_dist.eval.flops import estimate_peak_flops
+    from pagoda_dist.runtime.flops import estimate_peak_flops
 
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -186,8 +187,8 @@ def run_training_stage(args: argparse.Namespace, device: torch.device) -> list[d
     init_single_process(device)
     torch.manual_seed(0)
     t_build = time.perf_counter()
-    stage, resolution, latents = build_stage(cfg, args.stage)
-    train = cfg.train_config(args.stage if args.stage != "grow" else f"grow-{cfg.grow.resolutions[0]}")
+    stage, spec = build_stage(cfg, args.stage)
+    train, resolution, latents = spec.train, spec.resolution, spec.kind != "teacher"
     driver = DeepSpeedDriver(stage.trainable(), stage.optimizers(), deepspeed_config(train, cfg.runtime, 1))
     build_s = time.perf_counter() - t_build
     batch = synthetic_batch(cfg, resolution, train.batch_size, latents, device)

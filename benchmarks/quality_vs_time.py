@@ -32,15 +32,14 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
+from pagoda_dist.chain import StageSpec, chain, stage_spec  # noqa: E402
 from pagoda_dist.config import Config, load_config  # noqa: E402
 from pagoda_dist.data.tensors import downsample  # noqa: E402
-from pagoda_dist.eval.evaluate import (HeldOut, Scorer, bicubic, generate, held_out, stage_names,  # noqa: E402
-                                       stage_resolution)
+from pagoda_dist.eval.evaluate import HeldOut, Scorer, bicubic, generate, held_out  # noqa: E402
 from pagoda_dist.eval.fid import EFFNET_METRIC  # noqa: E402
-from pagoda_dist.pipeline import local_storage, run_pipeline, stage_export_url  # noqa: E402
+from pagoda_dist.models.checkpoint_safety import network_from_export  # noqa: E402
+from pagoda_dist.pipeline import local_storage, run_pipeline  # noqa: E402
 from pagoda_dist.runtime import CheckpointStore, load_export  # noqa: E402
-from pagoda_dist import storage  # noqa: E402
-from pagoda_dist.stages import network_from_export  # noqa: E402
 
 
 def parse_every(text: str) -> dict[str, float]:
@@ -80,18 +79,19 @@ def seconds_at(table: dict[int, float], nimg: int) -> float | None:
     return table[nearest]
 
 
-def evaluate_checkpoints(cfg: Config, stage: str, noise: torch.Tensor, data: HeldOut, score: Scorer,
+def evaluate_checkpoints(cfg: Config, spec: StageSpec, noise: torch.Tensor, data: HeldOut, score: Scorer,
                          below: torch.Tensor | None) -> tuple[list[dict[str, Any]], torch.Tensor]:
-    """Scores every committed checkpoint of `stage`; returns the rows and the last checkpoint's images."""
-    res = stage_resolution(cfg, stage)
+    """Scores every committed checkpoint of stage `spec`; returns the rows and the last checkpoint's images."""
+    stage, res = spec.name, spec.resolution
     real = downsample(data.real, res)
     timeline = training_seconds(cfg, stage)
     bicubic_metrics = score(real, bicubic(below, res), data.captions) if below is not None else None
     rows, fake = [], None
-    for ref in CheckpointStore(cfg.run_url, stage).committed():
-        url = storage.join(ref.url, "export.pt")
+    store = CheckpointStore(cfg.run_url, stage)
+    for ref in store.committed():
+        url = store.export_url(ref)
         net = network_from_export(load_export(url), source=url).eval()
-        fake = generate(cfg, "teacher" if stage == "teacher" else "generator", net, noise, data.condition)
+        fake = generate(cfg, net, noise, data.condition)
         row = {"kimg": ref.nimg / 1000, "train_s": seconds_at(timeline, ref.nimg),
                "metrics": score(real, fake, data.captions)}
         if bicubic_metrics is not None:
@@ -130,22 +130,22 @@ def final_over_seeds(cfg: Config, data: HeldOut, score: Scorer, seeds: int) -> d
     One draw's SWD moves by several percent with the noise, so a comparison is read from the paired differences.
     Seed 1 is the noise of the curves above.
     """
+    specs = {spec.name: spec for spec in chain(cfg)}
     nets = {}
-    for stage in stage_names(cfg):
-        url = stage_export_url(cfg, stage)
-        nets[stage] = network_from_export(load_export(url), source=url).eval()
-    rows: dict[str, list[dict[str, Any]]] = {stage: [] for stage in nets if stage != "teacher"}
+    for name in specs:
+        url, _ = CheckpointStore(cfg.run_url, name).latest_export()
+        nets[name] = network_from_export(load_export(url), source=url).eval()
+    rows: dict[str, list[dict[str, Any]]] = {name: [] for name, spec in specs.items() if spec.kind != "teacher"}
     for seed in range(1, seeds + 1):
         g = torch.Generator().manual_seed(cfg.run.seed + seed)
         noise = torch.randn(cfg.eval.num_images, cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution,
                             generator=g)
-        images = {stage: generate(cfg, "teacher" if stage == "teacher" else "generator", net, noise, data.condition)
-                  for stage, net in nets.items()}
+        images = {stage: generate(cfg, net, noise, data.condition) for stage, net in nets.items()}
         below = "teacher"
         for stage in rows:
-            res = stage_resolution(cfg, stage)
+            res = specs[stage].resolution
             real = downsample(data.real, res)
-            reference = images[below] if stage == "distill" else bicubic(images[below], res)
+            reference = images[below] if specs[stage].kind == "distill" else bicubic(images[below], res)
             rows[stage].append({"seed": seed, "metrics": score(real, images[stage], data.captions),
                                 "reference": score(real, reference, data.captions)})
             below = stage
@@ -182,8 +182,8 @@ def main() -> int:
 
     every = parse_every(args.every)
     cfg = load_config(args.config, args.overrides)
-    stages_of_kind = {"teacher": ["teacher"], "distill": ["distill"],
-                      "grow": [s for s in stage_names(cfg) if s.startswith("grow-")]}
+    stages_of_kind = {kind: [spec.name for spec in chain(cfg) if spec.kind == kind]
+                      for kind in ("teacher", "distill", "grow")}
     if not args.no_train:
         start = time.time()
         # One run per stage kind, each with its own checkpoint interval; steps already committed are skipped.
@@ -205,25 +205,25 @@ def main() -> int:
                             generator=g)
         below = None
         report = []
-        for stage in stage_names(cfg):
-            res = stage_resolution(cfg, stage)
+        for spec in chain(cfg):
+            stage, res = spec.name, spec.resolution
             if res not in results["floor"]:
                 results["floor"][res] = score(downsample(data.real_floor, res), downsample(data.real, res),
                                               data.captions)
-            rows, last = evaluate_checkpoints(cfg, stage, noise, data, score,
+            rows, last = evaluate_checkpoints(cfg, spec, noise, data, score,
                                               below if res != cfg.model.resolution else None)
             results["stages"][stage] = rows
             reference = None
-            if stage == "distill":
+            if spec.kind == "distill":
                 reference = ("final teacher", results["stages"]["teacher"][-1]["metrics"])
-            elif stage.startswith("grow-"):
+            elif spec.kind == "grow":
                 reference = ("bicubic of below", rows[-1]["bicubic_from_below"])
             report.append(table(stage, res, rows, results["floor"][res], reference))
-            if stage != "teacher":
+            if spec.kind != "teacher":
                 below = last
         if args.seeds > 0:
             results["final_over_seeds"] = final_over_seeds(cfg, data, score, args.seeds)
-            report.extend(seeds_table(stage, stage_resolution(cfg, stage), rows)
+            report.extend(seeds_table(stage, stage_spec(cfg, stage).resolution, rows)
                           for stage, rows in results["final_over_seeds"].items())
     print("\n".join(report))
     if args.json:

@@ -84,8 +84,9 @@ def bare_rate(cfg, images, *, batch: int, warmup: int, windows: int, window_step
     """A single-threaded loop: the teacher step on in-memory tensors, plain optimizers."""
     import torch
 
+    from pagoda_dist.interfaces import Batch
     from pagoda_dist.runtime import PlainDriver
-    from pagoda_dist.stages import Batch, build_teacher
+    from pagoda_dist.stages import build_teacher
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # one core, as each Ray worker gets

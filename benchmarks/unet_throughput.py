@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing the package
 from pagoda_dist.config import ModelConfig  # noqa: E402
-from pagoda_dist.models.conditioning import Condition  # noqa: E402
+from pagoda_dist.interfaces import Condition  # noqa: E402
 from pagoda_dist.models.unet import UNet  # noqa: E402
 
 

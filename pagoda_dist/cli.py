@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from pagoda_dist.config import Config, ConfigError, describe_keys, load_config, load_prepare_settings, to_yaml
@@ -31,7 +32,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_s3(args: argparse.Namespace) -> int:
     from pagoda_dist.storage.s3_cli import s3_command
 
-    cfg = load_config(args.config, args.overrides) if args.config else Config()
+    cfg = load_config(args.config, args.overrides)  # the defaults when no --config, overrides still apply
     return s3_command(args.action, Path(cfg.storage.embedded_s3_dir), cfg.storage.embedded_s3_port,
                       buckets=args.bucket)
 
@@ -39,27 +40,46 @@ def cmd_s3(args: argparse.Namespace) -> int:
 def cmd_prepare(args: argparse.Namespace) -> int:
     """`pagoda prepare CONFIG [overrides] [--src] [--out]` (a run's data.* settings) or `pagoda prepare SRC OUT
     [data.*|storage.* overrides]` (no run config)."""
-    from pagoda_dist.pipeline import local_storage, prepare_data, prepare_from_config, s3_buckets, storage_session
+    from pagoda_dist.data.prepare import PrepareError
+    from pagoda_dist.data.sources import SourceError
+    from pagoda_dist.pipeline import (local_ray, local_storage, prepare_data, prepare_from_config, s3_buckets,
+                                      storage_session)
+    from pagoda_dist.storage import StorageError
 
-    if args.config.endswith((".yaml", ".yml")):
-        cfg = load_config(args.config, args.overrides)
-        with local_storage(cfg):
-            prepare_from_config(cfg, src=args.src, out=args.out)
-        return 0
-    if not args.overrides or "=" in args.overrides[0] or args.src or args.out:
-        raise ConfigError(f"pagoda prepare {args.config}: expected `pagoda prepare SRC OUT [data.KEY=VALUE ...]` "
-                          "(OUT is missing) or `pagoda prepare CONFIG.yaml [overrides] [--src SRC] [--out OUT]`")
-    src, out = args.config, args.overrides[0]
-    data, store = load_prepare_settings(args.overrides[1:])
-    with storage_session(store, s3_buckets(out)):
-        prepare_data(data, src, out)
+    try:
+        if args.config.endswith((".yaml", ".yml")):
+            cfg = load_config(args.config, args.overrides)
+            with local_storage(cfg):
+                if cfg.runtime.ray_address:  # a cluster: one Ray task per shard, spread over its nodes
+                    with local_ray(cfg):
+                        prepare_from_config(cfg, src=args.src, out=args.out, on_ray=True)
+                else:
+                    prepare_from_config(cfg, src=args.src, out=args.out)
+            return 0
+        if not args.overrides or "=" in args.overrides[0] or args.src or args.out:
+            raise ConfigError(f"pagoda prepare {args.config}: expected `pagoda prepare SRC OUT [data.KEY=VALUE ...]` "
+                              "(OUT is missing) or `pagoda prepare CONFIG.yaml [overrides] [--src SRC] [--out OUT]`")
+        src, out = args.config, args.overrides[0]
+        data, store = load_prepare_settings(args.overrides[1:])
+        # SRC's bucket too: with the embedded server, an s3:// SRC is read from it even when OUT is local.
+        with storage_session(store, s3_buckets(src, out)):
+            prepare_data(data, src, out)
+    except (SourceError, PrepareError, StorageError) as err:  # bad input, not a bug: one line, no traceback
+        print(f"pagoda prepare: {err}", file=sys.stderr)
+        return 2
     return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
     from pagoda_dist.pipeline import Preempted, run_pipeline
 
-    cfg = _load(args)
+    if args.rehearse:
+        from pagoda_dist.rehearsal import describe_changes, rehearsal_config
+
+        cfg, changes = rehearsal_config(args.config, args.overrides)
+        print(describe_changes(changes), flush=True)
+    else:
+        cfg = _load(args)
     if args.dry_run:
         from pagoda_dist.dry_run import describe
 
@@ -124,43 +144,42 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import torch
-
-    from pagoda_dist.eval.evaluate import generate, load_network
-    from pagoda_dist.eval.grid import save_grid
-    from pagoda_dist.models.conditioning import Condition
+    """Samples a stage of the run (or an export) through `pagoda_dist.api`; the run's config stands in for the
+    sampling record of exports written before they carried one."""
+    from pagoda_dist.api import GeneratorError, load_generator, save_grid
+    from pagoda_dist.chain import stage_spec
     from pagoda_dist.pipeline import local_storage
-    from pagoda_dist.runtime import load_export
-    from pagoda_dist.stages import network_from_export
 
     cfg = _run_config(args)
-    with local_storage(cfg):
-        net = network_from_export(load_export(args.export)) if args.export else load_network(cfg, args.stage)
-    g = torch.Generator().manual_seed(args.seed)
-    m = cfg.model
-    noise = torch.randn(args.n, m.in_channels, m.resolution, m.resolution, generator=g)
-    if m.num_classes:
-        labels = torch.full((args.n,), args.label) if args.label is not None else torch.arange(args.n) % m.num_classes
-        cond = Condition(class_labels=labels)
-    elif m.text_dim:
-        raise ConfigError("sampling a text-conditioned model needs prompts embedded by the precompute text tower; "
-                          "use `pagoda evaluate`, which takes the held-out captions' embeddings")
-    else:
-        cond = Condition()
-    stage = "teacher" if args.stage == "teacher" and not args.export else "generator"
-    if args.guidance is not None and args.guidance < 0:
-        raise ConfigError(f"--guidance {args.guidance}: the guidance scale must be >= 0")
-    if args.guidance is not None and stage == "generator" and not getattr(net, "guidance_input", False):
-        raise ConfigError(f"--guidance {args.guidance}: this generator was not trained guidance-aware "
-                          "(distill.adversarial.guidance_range); it has no guidance input")
-    images = generate(cfg, stage, net.eval(), noise, cond, guidance=args.guidance)
+    if not args.export:
+        try:
+            stage_spec(cfg, args.stage)
+        except ValueError as err:
+            raise ConfigError(f"--stage: {err}") from None
+    try:
+        with local_storage(cfg):
+            model = load_generator(args.export or cfg.run_url, stage=None if args.export else args.stage, config=cfg,
+                                   clip_weights=args.clip_weights)
+        if not args.export:  # the run's own stage: its config (overrides included) says how to sample it
+            model.sampler = cfg.teacher.sampler
+        images = model.generate(args.n, classes=None if args.label is None else [args.label],
+                                prompts=args.prompt or None, guidance=args.guidance, seed=args.seed)
+    except GeneratorError as err:
+        print(f"pagoda sample: {err}", file=sys.stderr)
+        return 2
     save_grid(images, args.out)
-    print(f"[pagoda] {args.n} samples of {args.stage} ({images.shape[-1]}px) -> {args.out}")
+    print(f"[pagoda] {args.n} samples of {model.stage} ({images.shape[-1]}px) from {model.source} -> {args.out}")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagoda", description="PaGoDA distributed training")
+    try:
+        installed = version("pagoda-dist")
+    except PackageNotFoundError:
+        installed = "unknown (not installed: pip install -e .)"
+    parser.add_argument("--version", action="version", version=f"pagoda-dist {installed}",
+                        help="print the installed pagoda-dist version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("config", help="print the resolved, validated config")
@@ -192,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only this step (prepare, teacher, precompute, distill, grow-RES, evaluate); repeatable")
     p.add_argument("--dry-run", action="store_true",
                    help="validate and lay out every step (batches, steps, parameters, FLOPs); start nothing")
+    p.add_argument("--rehearse", action="store_true",
+                   help="run the config at toy size under NAME-rehearsal, every structural path kept (stages, "
+                        "resolutions, conditioning, losses, ZeRO, precision, storage); lists what it shrank")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("precompute", help="DDIM-inversion latent pairs (and text embeddings) with a Ray actor pool")
@@ -209,9 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", default=None, help="local folder for the page (default work/reports/NAME)")
         if name == "sample":
             p.add_argument("--stage", default="distill", help="teacher, distill or grow-RES")
-            p.add_argument("--export", default=None, help="an export.pt file/URL to sample instead of the run's")
+            p.add_argument("--export", default=None, help="an export file (.safetensors or .pt), checkpoint folder or "
+                           "stage folder (path or URL) to sample instead of the run's --stage")
             p.add_argument("--n", type=int, default=64, help="number of samples")
             p.add_argument("--label", type=int, default=None, help="class id (default: all classes in turn)")
+            p.add_argument("--prompt", action="append", default=[],
+                           help="caption for a text-to-image model (repeatable; the samples take them in turn)")
+            p.add_argument("--clip-weights", default=None, metavar="PATH",
+                           help="local copy of the CLIP text tower weights the export records (text models)")
             p.add_argument("--guidance", type=float, default=None, metavar="W",
                            help="classifier-free guidance scale of the teacher or of a guidance-aware generator "
                                 "(default: teacher.sampler.guidance)")

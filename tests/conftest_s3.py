@@ -1,5 +1,6 @@
 """Pytest fixtures for a real S3 endpoint: one embedded SeaweedFS server per test session, on free loopback ports,
-stopped by its PID when the session ends. Registered via `pytest_plugins` in tests/conftest.py."""
+held by a server session of this process: it stops when the session ends, and also if pytest is killed (no
+orphaned `weed`). Registered via `pytest_plugins` in tests/conftest.py."""
 
 from __future__ import annotations
 
@@ -39,11 +40,8 @@ class S3TestServer:
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3TestServer]:
     """One embedded S3 server for the whole session, on ports no user's server is using."""
     server = LocalS3Server(tmp_path_factory.mktemp("s3-server"), port=free_port_block(), startup_timeout_s=60)
-    server.start()
-    try:
+    with server.session():
         yield S3TestServer(server)
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 
 from pagoda_dist.config import Config
+from pagoda_dist.interfaces import Batch, Stage, StageInputs, StepDriver
 from pagoda_dist.runtime import preemption
 from pagoda_dist.runtime.source import DataRequest
-from pagoda_dist.stages import Batch, Stage, StageInputs, StepDriver
 
 HOLD_LIMIT_S = 120.0  # a held rank gives up (and fails the test) if no stop request arrives by then
 
@@ -82,8 +82,8 @@ class InvertedTiles:
 
     def __init__(self, teacher_url: str, cfg: Config, request: DataRequest) -> None:
         from pagoda_dist.data.reader import reader_for
+        from pagoda_dist.models.checkpoint_safety import network_from_export
         from pagoda_dist.runtime import load_export
-        from pagoda_dist.stages import network_from_export
 
         images = StageInputs(request.inputs.resolution, needs_latents=False)
         self.reader = reader_for(cfg, images, batch_size=request.batch_size, rank=request.rank,

@@ -4,6 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pagoda_dist.chain import chain, stage_spec
 from pagoda_dist.cli import main
 from pagoda_dist.config import Config, ConfigError, describe_keys, from_dict, load_config, to_dict, to_yaml
 
@@ -108,10 +109,18 @@ def test_reference_lists_every_leaf_with_help() -> None:
 
 def test_growth_stages_take_their_own_batch_sizes(tmp_path: Path) -> None:
     cfg = load_config(CONFIGS[0].parent / "imagenet-512.yaml")
-    assert [cfg.train_config(f"grow-{r}").batch_size for r in (128, 256, 512)] == [256, 360, 512]
-    assert cfg.train_config("grow-256").optimizer == cfg.grow.train.optimizer  # only the batch differs
-    with pytest.raises(ConfigError, match="grow-1024"):
-        cfg.train_config("grow-1024")
+    specs = chain(cfg)
+    assert [(s.name, s.kind, s.resolution, s.start_from) for s in specs] == [
+        ("teacher", "teacher", 64, None), ("distill", "distill", 64, "teacher"), ("grow-128", "grow", 128, "distill"),
+        ("grow-256", "grow", 256, "grow-128"), ("grow-512", "grow", 512, "grow-256")]
+    assert [s.train.batch_size for s in specs[2:]] == [256, 360, 512]
+    assert specs[3].train.optimizer == cfg.grow.train.optimizer  # only the batch differs
+    assert specs[3].batch_key == "grow.batch_sizes[1]"
+    with pytest.raises(ValueError, match="'grow-1024': not a stage of this run; its stages are teacher, distill, "
+                                         "grow-128, grow-256, grow-512"):
+        stage_spec(cfg, "grow-1024")
+    with pytest.raises(ConfigError, match=r"grow.batch_sizes\[1\]: 360 is not divisible"):
+        load_config(CONFIGS[0].parent / "imagenet-512.yaml", ["runtime.num_workers=16"])
 
 
 @pytest.mark.parametrize("name", ["imagenet-512.yaml", "t2i-512.yaml"])

@@ -13,13 +13,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from pagoda_dist.data.grid import save_grid
+from pagoda_dist.data.images import to_unit_range
 from pagoda_dist.eval.clip_score import clip_score, load_clip
 from pagoda_dist.eval.fid import FeatureStats, effnet_features, fid_effnet_lite0, fid_inception, frechet_distance
-from pagoda_dist.eval.flops import estimate_peak_flops, forward_flops_per_image, mfu, training_flops_per_image
-from pagoda_dist.eval.grid import save_grid
-from pagoda_dist.eval.images import to_unit_range
 from pagoda_dist.eval.swd import _downsample, _upsample, laplacian_pyramid, swd
 from pagoda_dist.models.efficientnet_lite0 import FEATURE_CHANNELS, load_efficientnet_lite0
+from pagoda_dist.runtime.flops import estimate_peak_flops, forward_flops_per_image, mfu, training_flops_per_image
 
 CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 

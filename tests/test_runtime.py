@@ -25,7 +25,7 @@ import torch
 from pagoda_dist import storage
 from pagoda_dist.config import Config, ConfigError, load_config
 from pagoda_dist.data.reader import reader_for
-from pagoda_dist.models.conditioning import Condition
+from pagoda_dist.interfaces import Condition
 from pagoda_dist.pipeline import distill_stage, reader_source, teacher_stage
 from pagoda_dist.runtime import (CheckpointMismatch, CheckpointStore, PlainDriver, load_export, preemption,
                                  train_single_process, train_stage)
@@ -34,7 +34,7 @@ from pagoda_dist.runtime.comm import Comm, SoloComm
 from pagoda_dist.runtime.drivers import _cast
 from pagoda_dist.runtime.ema import Ema
 from pagoda_dist.runtime.schedule import crossed, ema_beta, lr_factor, steps_for
-from pagoda_dist.runtime.trainer import check_resumable
+from pagoda_dist.runtime.trainer import check_latest_resumable
 from pagoda_dist.stages import build_teacher
 from tests.damage import garble_image
 from tests.runtime_support import Fault, faulty, inverted_tiles
@@ -202,7 +202,8 @@ def test_checkpoint_store_commits_prunes_and_skips_partial(where: str, tmp_path:
     loaded = store.load(store.latest_committed(), engines)
     assert engines.value == 3.0 and loaded.data_state == {"next_index": 300}
     assert torch.equal(loaded.ema["w"], torch.full((2,), 3.0))
-    export = load_export(storage.join(store.step_url(300), "export.pt"))
+    assert store.latest_export() == (store.export_url(store.latest_committed()), 300)
+    export = load_export(store.latest_export()[0])
     assert export["architecture"] == {"kind": "fake"}
 
     # The next commit prunes the older commit and the partial folder below it.
@@ -243,7 +244,7 @@ def test_bad_configs_fail_before_any_work(tmp_path: Path) -> None:
     cfg.runtime.zero_stage = 2
     with pytest.raises(TypeError, match="picklable"):
         train_stage(cfg, lambda c: teacher_stage(c), reader_source, stage_name="teacher")
-    with pytest.raises(ConfigError, match="unknown stage"):
+    with pytest.raises(ValueError, match="'bogus': not a stage of this run"):
         train_stage(cfg, teacher_stage, reader_source, stage_name="bogus")
     assert time.perf_counter() - start < 5.0
     assert not (tmp_path / "runs").exists()
@@ -255,7 +256,7 @@ def test_resume_with_another_world_size_is_refused_with_what_to_do(tmp_path: Pat
     cfg = tiles_config(f"run.root={tmp_path}", "runtime.num_workers=1")
     store = CheckpointStore(cfg.run_url, "teacher")
     store.save(_payload(100, 1.0))  # saved by world_size 1, ZeRO-2, fp32
-    check_resumable(cfg, "teacher", cfg.run_url)
+    check_latest_resumable(cfg, "teacher", cfg.run_url)
     start = time.perf_counter()
     cfg.runtime.num_workers = 2
     with pytest.raises(CheckpointMismatch) as refused:

@@ -6,12 +6,14 @@ import itertools
 import pytest
 import torch
 
+from pagoda_dist.chain import stage_spec
 from pagoda_dist.config import Config, load_config
 from pagoda_dist.diffusion import EDMPrecond, invert, sample
+from pagoda_dist.interfaces import Condition
+from pagoda_dist.interfaces import Batch
 from pagoda_dist.models.checkpoint_safety import ArchitectureMismatchError
-from pagoda_dist.models.conditioning import Condition
 from pagoda_dist.runtime.single import train_single_process
-from pagoda_dist.stages import Batch, build_distill, build_grow, build_teacher
+from pagoda_dist.stages import build_distill, build_grow, build_teacher
 from tests.real_images import real_images
 
 SMALL = ["model.channels=16", "model.channel_mult=[1,2]", "model.attn_resolutions=[8]", "model.num_classes=10",
@@ -102,7 +104,7 @@ def test_grow_trains_only_new_and_late_layers() -> None:
     for p in teacher.net.parameters():  # trained-like weights: zero-initialised heads would block every gradient
         p.data.normal_(0, 0.05)
     distill = build_distill(cfg, export_of(teacher, teacher.net))
-    grow32 = build_grow(cfg, export_of(distill, distill.generator), 32)
+    grow32 = build_grow(cfg, stage_spec(cfg, "grow-32"), export_of(distill, distill.generator))
     g = grow32.generator
     assert grow32.name == "grow-32" and g.resolution == 32 and grow32.inputs.resolution == 32
     before = {n: p.detach().clone() for n, p in g.named_parameters()}
@@ -117,7 +119,7 @@ def test_grow_trains_only_new_and_late_layers() -> None:
     moved = [n for n in trainable if not torch.equal(before[n], dict(g.named_parameters())[n])]
     assert len(moved) > len(trainable) // 2
 
-    grow64 = build_grow(cfg, export_of(grow32, g), 64)
+    grow64 = build_grow(cfg, stage_spec(cfg, "grow-64"), export_of(grow32, g))
     z = torch.randn(2, 3, 16, 16) * 80
     assert grow64.generator(z, Condition(class_labels=torch.tensor([0, 1]))).shape == (2, 3, 64, 64)
     assert grow64.sample(grow64.generator, torch.randn(2, 3, 16, 16),
@@ -135,7 +137,7 @@ def test_reconstruction_only_growth_has_no_discriminator_and_counts_no_gan_flops
     for p in teacher.net.parameters():  # trained-like weights: zero-initialised heads would block every gradient
         p.data.normal_(0, 0.05)
     distill = build_distill(cfg, export_of(teacher, teacher.net))
-    grow32 = build_grow(cfg, export_of(distill, distill.generator), 32)
+    grow32 = build_grow(cfg, stage_spec(cfg, "grow-32"), export_of(distill, distill.generator))
     assert grow32.discriminator is None
     assert set(grow32.trainable()) == set(grow32.optimizers()) == {"generator"}
     assert set(distill.trainable()) == {"generator", "discriminator"}  # distillation keeps its GAN term
@@ -160,10 +162,10 @@ def test_mismatched_exports_are_refused_with_the_difference() -> None:
     with pytest.raises(ArchitectureMismatchError, match="channels"):
         build_distill(wider, export_of(teacher, teacher.net))
     with pytest.raises(ValueError, match="one-step generator"):
-        build_grow(cfg, export_of(teacher, teacher.net), 32)
+        build_grow(cfg, stage_spec(cfg, "grow-32"), export_of(teacher, teacher.net))
     distill = build_distill(cfg, export_of(teacher, teacher.net))
     with pytest.raises(ValueError, match="growth doubles"):
-        build_grow(cfg, export_of(distill, distill.generator), 64)
+        build_grow(cfg, stage_spec(cfg, "grow-64"), export_of(distill, distill.generator))
 
 
 def test_conditioning_changes_samples_and_guidance_one_is_conditional() -> None:

@@ -284,7 +284,8 @@ def test_missing_bucket_gives_bucket_not_found(s3_env: str, s3_server) -> None:
         assert s3_server.env["AWS_SECRET_ACCESS_KEY"] not in _full_text(info.value)
 
 
-def test_closed_port_gives_endpoint_unreachable(s3_env: str, s3_server) -> None:
+def test_closed_port_gives_endpoint_unreachable(s3_env: str, s3_server, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # our retry layer alone (botocore's is tested in test_storage_faults)
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -441,6 +442,7 @@ def test_server_stop_by_pid_restart_keeps_data(tmp_path: Path, monkeypatch: pyte
     try:
         for name, value in server.env().items():
             monkeypatch.setenv(name, value)
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # the down server is reported after FAST_RETRY's attempts alone
         storage.configure(endpoint_url=server.endpoint, retry=FAST_RETRY)
         storage.write_committed("s3://keep/set", {"a.bin": b"persisted"})
 

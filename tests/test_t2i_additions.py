@@ -18,13 +18,15 @@ from pagoda_dist.eval.evaluate import generate
 from pagoda_dist.losses import clip_loss, generator_objective
 from pagoda_dist.models.checkpoint_safety import (ArchitectureMismatchError, checkpoint_payload, load_checked,
                                                   model_from_architecture)
+from pagoda_dist.chain import stage_spec
+from pagoda_dist.interfaces import NO_CLASS, Condition
+from pagoda_dist.interfaces import Batch
 from pagoda_dist.models.clip_image import ClipImageEncoder
-from pagoda_dist.models.conditioning import NO_CLASS, Condition
 from pagoda_dist.models.generator import OneStepGenerator
 from pagoda_dist.models.text_encoder import TextEncoder
 from pagoda_dist.models.unet import UNet
 from pagoda_dist.runtime.single import train_single_process
-from pagoda_dist.stages import Batch, build_distill, build_grow, build_teacher
+from pagoda_dist.stages import build_distill, build_grow, build_teacher
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -244,11 +246,11 @@ def test_distill_step_with_guidance_and_clip(captions: Condition) -> None:
     noise = torch.randn(2, 3, 16, 16)
     expected = g(noise * 80, captions[:2].with_guidance(2.0)).clamp(-1, 1)
     assert torch.equal(stage.sample(g, noise, captions[:2]), expected)
-    assert torch.equal(generate(cfg, "distill", g, noise, captions[:2]), expected)
-    assert not torch.equal(generate(cfg, "distill", g, noise, captions[:2], guidance=4.0), expected)
+    assert torch.equal(generate(cfg, g, noise, captions[:2]), expected)
+    assert not torch.equal(generate(cfg, g, noise, captions[:2], guidance=4.0), expected)
 
     # growing keeps the guidance input; the grown stage trains at w = 1 and still works
-    grown = build_grow(cfg, {"architecture": stage.architecture(), "ema": g.state_dict()}, 32)
+    grown = build_grow(cfg, stage_spec(cfg, "grow-32"), {"architecture": stage.architecture(), "ema": g.state_dict()})
     assert grown.generator.guidance_input and grown.clip_image is None
     big = Batch(torch.rand(4, 3, 32, 32) * 2 - 1, captions, torch.randn(4, 3, 16, 16) * 80)
     out = train_single_process(grown, itertools.repeat(big), steps=1, train=cfg.grow.train).history[0]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -20,7 +21,7 @@ class UnreadableImage(ValueError):
     """An input is not an image, or is truncated or corrupt."""
 
 
-def load_image(path: str | Path) -> Image.Image:
+def load_image(path: str | Path | BinaryIO) -> Image.Image:
     """Opens and fully decodes an image file (EXIF rotation applied); raises UnreadableImage with the reason."""
     try:
         with Image.open(path) as img:

@@ -40,15 +40,14 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from pagoda_dist import storage
+from pagoda_dist.config import Config, LoaderPriority, ModelConfig
 from pagoda_dist.data.imaging import UnreadableImage, decode_image
 from pagoda_dist.data.manifest import Manifest, read_manifest
 from pagoda_dist.data.order import SampleOrder, hash64
 from pagoda_dist.data.samples import CorruptSample, Sample
 from pagoda_dist.data.shards import ShardIndex, decode_members, read_index
 from pagoda_dist.data.tensors import to_tensor
-from pagoda_dist.config import Config, LoaderPriority
-from pagoda_dist.models.conditioning import Condition
-from pagoda_dist.stages.base import Batch, StageInputs
+from pagoda_dist.interfaces import Batch, Condition, StageInputs
 
 ConditionMode = Literal["auto", "class", "text", "none"]
 MAX_REPLACEMENTS = 256  # consecutive corrupt samples tolerated before the data is declared broken
@@ -399,17 +398,22 @@ class StreamingReader:
         self.corrupt_count = int(state.get("corrupt_count", 0))
 
 
+def condition_mode(model: ModelConfig) -> ConditionMode:
+    """The labels a model is built for: class labels, caption embeddings, or none."""
+    return "class" if model.num_classes else "text" if model.text_dim else "none"
+
+
 def reader_for(cfg: Config, inputs: StageInputs, *, batch_size: int, rank: int = 0, world_size: int = 1,
                split: str = "train") -> StreamingReader:
     """The reader a training stage needs, from the run config: image shards, or latent pairs when the stage
-    `needs_latents`; the condition the model is built for; the stage's resolution; data.* loader settings."""
-    model = cfg.model
-    condition: ConditionMode = "class" if model.num_classes else "text" if model.text_dim else "none"
+    `needs_latents`; the condition the model is built for; the stage's resolution; data.* loader settings.
+    Training splits are mirrored as data.hflip says: latent pairs under pairs and all, image shards under all."""
+    flips = cfg.data.hflip == "all" or (cfg.data.hflip == "pairs" and inputs.needs_latents)
     return StreamingReader(
         cfg.pairs_url if inputs.needs_latents else cfg.shards_url, batch_size=batch_size, split=split,
         resolution=inputs.resolution, rank=rank, world_size=world_size, num_workers=cfg.data.loader_workers,
-        seed=cfg.run.seed, shuffle_window=cfg.data.shuffle_buffer, condition=condition,
-        needs_latents=inputs.needs_latents, loader_priority=cfg.data.loader_priority)
+        seed=cfg.run.seed, shuffle_window=cfg.data.shuffle_buffer, condition=condition_mode(cfg.model),
+        needs_latents=inputs.needs_latents, hflip=flips and split == "train", loader_priority=cfg.data.loader_priority)
 
 
 def load_images(url: str, *, count: int, split: str = "val", resolution: int | None = None, seed: int = 0,

@@ -4,7 +4,7 @@ A shard is a plain POSIX (ustar) tar, readable by `webdataset` and `tar`, named 
 (`train-000000.tar`, `val-000003.tar`). A sample is the run of consecutive members sharing one key, the
 WebDataset convention: the key is the member name up to its first dot, the rest is the member's type.
 
-Keys are the sample's index within its split, nine digits: `000012345`. They never contain a dot, are unique in
+Keys are the input's position within its split, nine digits: `000012345` (a skipped input leaves its key unused). They never contain a dot, are unique in
 a split, and survive precompute unchanged (pair `train-000007.tar` holds the same keys, in the same order, as
 image shard `train-000007.tar`), so any latent can be traced to its image and source.
 

@@ -10,13 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..models.clip_image import clip_preprocess, preprocess_config
 from ..models.text_encoder import create_clip_model, known_archs
-from .images import ImageBatch, to_rgb, to_unit_range
+from pagoda_dist.data.images import ImageBatch, to_rgb, to_unit_range
 
 Tokenizer = Callable[[Sequence[str]], torch.Tensor]
 
@@ -42,21 +43,40 @@ def load_clip(arch: str = "ViT-B-32", weights_path: str | Path | None = None, ra
 
 
 @torch.no_grad()
-def clip_score(images: ImageBatch, captions: Sequence[str], model: nn.Module, tokenizer: Tokenizer,
-               batch_size: int = 32, value_range: tuple[float, float] = (-1.0, 1.0),
-               device: str | torch.device = "cpu") -> float:
-    """Mean CLIP score of (image i, caption i) pairs (see the module docstring for the scale)."""
+def clip_cosines(images: ImageBatch, captions: Sequence[str], model: nn.Module, tokenizer: Tokenizer,
+                 batch_size: int = 32, value_range: tuple[float, float] = (-1.0, 1.0),
+                 device: str | torch.device = "cpu") -> np.ndarray:
+    """(N,) float32 max(cos(image i embedding, caption i embedding), 0): what the score averages, per pair, so that
+    slices of a set scored apart give the set's score (`mean_clip_score`)."""
     if len(images) != len(captions):
         raise ValueError(f"CLIP score pairs image i with caption i: got {len(images)} images, "
                          f"{len(captions)} captions")
-    if len(captions) == 0:
-        raise ValueError("CLIP score of an empty set is undefined")
     cfg = preprocess_config(model)
-    total = 0.0
+    out = []
     for start in range(0, len(captions), batch_size):
         x = to_rgb(to_unit_range(images[start:start + batch_size], value_range, "images")).to(device)
         img = F.normalize(model.encode_image(clip_preprocess(x, cfg)).float(), dim=-1)
         txt = F.normalize(model.encode_text(tokenizer(list(captions[start:start + batch_size])).to(device)).float(),
                           dim=-1)
-        total += (img * txt).sum(dim=-1).clamp(min=0).sum().item()
-    return 100.0 * total / len(captions)
+        out.append((img * txt).sum(dim=-1).clamp(min=0).cpu().numpy())
+    return np.concatenate(out) if out else np.empty(0, dtype=np.float32)
+
+
+def mean_clip_score(cosines: np.ndarray, batch_size: int = 32) -> float:
+    """The CLIP score of a set from its per-pair cosines (summed per batch of `batch_size` in set order, as
+    `clip_score` does, so both give the same float)."""
+    if len(cosines) == 0:
+        raise ValueError("CLIP score of an empty set is undefined")
+    values = torch.from_numpy(np.ascontiguousarray(cosines))
+    total = sum(values[i:i + batch_size].sum().item() for i in range(0, len(values), batch_size))
+    return 100.0 * total / len(values)
+
+
+def clip_score(images: ImageBatch, captions: Sequence[str], model: nn.Module, tokenizer: Tokenizer,
+               batch_size: int = 32, value_range: tuple[float, float] = (-1.0, 1.0),
+               device: str | torch.device = "cpu") -> float:
+    """Mean CLIP score of (image i, caption i) pairs (see the module docstring for the scale)."""
+    if len(captions) == 0:
+        raise ValueError("CLIP score of an empty set is undefined")
+    return mean_clip_score(clip_cosines(images, captions, model, tokenizer, batch_size, value_range, device),
+                           batch_size)

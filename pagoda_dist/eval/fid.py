@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..models.efficientnet_lite0 import EfficientNetLite0, load_efficientnet_lite0
-from .images import ImageBatch, to_rgb, to_unit_range
+from pagoda_dist.data.images import ImageBatch, to_rgb, to_unit_range
 
 EFFNET_METRIC = "FID-EffNetLite0"
 INCEPTION_METRIC = "FID"
@@ -45,10 +45,25 @@ class FeatureStats:
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureStats:
+        """Statistics written by `save`, or a reference batch in guided-diffusion's evaluator format (`mu` and
+        `sigma` of Inception pool3 features; its images, `arr_0`, are never read). count 0: not recorded."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"feature statistics file {path} does not exist")
-        with np.load(path, allow_pickle=False) as data:
-            return cls(mu=data["mu"], cov=data["cov"], count=int(data["count"]))
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: not a .npz file of feature statistics ({err})") from None
+        with data:
+            cov_key = "cov" if "cov" in data.files else "sigma"
+            if "mu" not in data.files or cov_key not in data.files:
+                raise ValueError(f"{path} holds {sorted(data.files)}; feature statistics need 'mu' and 'sigma' "
+                                 "(guided-diffusion's reference batches) or 'mu' and 'cov'")
+            mu, cov = np.asarray(data["mu"], np.float64), np.asarray(data[cov_key], np.float64)
+            count = int(data["count"]) if "count" in data.files else 0
+        if mu.ndim != 1 or cov.shape != (len(mu), len(mu)):
+            raise ValueError(f"{path}: 'mu' {mu.shape} and '{cov_key}' {cov.shape} are not a (D,) mean and its "
+                             "(D, D) covariance")
+        return cls(mu=mu, cov=cov, count=count)
 
 
 def _sqrt_psd(m: np.ndarray) -> np.ndarray:

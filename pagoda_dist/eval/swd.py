@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .images import ImageBatch, to_unit_range
+from pagoda_dist.data.images import ImageBatch, to_unit_range
 
 BINOMIAL_5 = torch.tensor([1.0, 4.0, 6.0, 4.0, 1.0]) / 16.0
 SCALE = 1e3  # reporting convention of the original metric
@@ -69,34 +69,64 @@ def laplacian_pyramid(x: Tensor, min_resolution: int = 16) -> list[Tensor]:
     return levels
 
 
-def _normalise(desc: np.ndarray) -> np.ndarray:
+def normalise(desc: np.ndarray) -> np.ndarray:
     """(M, k, k, C) descriptors -> (M, k*k*C), each channel standardised over the whole set."""
     desc = desc - desc.mean(axis=(0, 1, 2), keepdims=True)
     desc /= desc.std(axis=(0, 1, 2), keepdims=True) + 1e-8  # flat images would otherwise divide by zero
     return desc.reshape(desc.shape[0], -1)
 
 
-def _level_descriptors(images: ImageBatch, value_range: tuple[float, float], level: int, rng: np.random.Generator,
-                       min_resolution: int, per_image: int, size: int, chunk: int) -> np.ndarray:
-    """Random size x size neighbourhoods of one pyramid level of every image, normalised per channel.
+@dataclass(frozen=True)
+class PatchSampling:
+    """Where the patches of one image set lie: drawn for the whole set of `size` images at once from stream
+    `stream` of `seed`, so the patches of image i are the same however the set is cut into slices."""
 
-    One level and one chunk of images at a time keeps memory to two descriptor sets (2000 images: ~150 MB each)
-    at any image size; the pyramid is cheap to recompute next to the sorting.
+    seed: int
+    stream: int  # 0: the reference (real) set of a comparison, 1: the set compared with it
+    size: int
+
+
+def pyramid_heights(images: Tensor, min_resolution: int = 16) -> list[int]:
+    """Heights of the Laplacian levels of a float NCHW batch's images, finest first."""
+    return [band.shape[-2] for band in laplacian_pyramid(images[:1], min_resolution)]
+
+
+def descriptors(images: ImageBatch, sampling: PatchSampling, start: int = 0, levels: list[int] | None = None,
+                value_range: tuple[float, float] = (-1.0, 1.0), min_resolution: int = 16, per_image: int = 128,
+                size: int = 7, chunk: int = 256) -> list[np.ndarray]:
+    """Raw (M, size, size, C) neighbourhoods per pyramid level (`levels`, default all) of a slice of a set: images
+    are the set's images `start`, `start + 1`, ...; those at or beyond `sampling.size` are not part of it.
+
+    Concatenated in set order, the slices' descriptors are those of the whole set; `normalise` them then. One chunk
+    of images at a time keeps the pyramid's memory small at any image size.
     """
-    n = images.shape[0]
-    parts, corners = [], None
+    x = torch.as_tensor(images)
+    if min_resolution < size or min(x.shape[-2:]) < size:
+        raise ValueError(f"SWD: images ({tuple(x.shape[-2:])}) and min_resolution ({min_resolution}) must be at "
+                         f"least the patch size {size}")
+    count = max(0, min(len(x), sampling.size - start))
+    channels = x.shape[1]
+    if levels is None:
+        levels = list(range(len(pyramid_heights(to_unit_range(x[:1], value_range), min_resolution))))
+    parts: dict[int, list[np.ndarray]] = {i: [] for i in levels}
+    corners: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     offsets = np.arange(size)
-    for start in range(0, n, chunk):
-        band = laplacian_pyramid(to_unit_range(images[start:start + chunk], value_range), min_resolution)[level]
-        arr = band.permute(0, 2, 3, 1).numpy()  # NHWC, so one fancy index yields (n, per_image, k, k, C)
-        if corners is None:  # drawn for the whole set at once: the result does not depend on the chunk size
-            h, w = arr.shape[1:3]
-            corners = (rng.integers(0, h - size + 1, (n, per_image)), rng.integers(0, w - size + 1, (n, per_image)))
-        ys, xs = (c[start:start + chunk] for c in corners)
-        idx_n = np.arange(arr.shape[0])[:, None, None, None]
-        patches = arr[idx_n, ys[..., None, None] + offsets[:, None], xs[..., None, None] + offsets[None, :]]
-        parts.append(patches.reshape(-1, size, size, arr.shape[-1]))
-    return _normalise(np.concatenate(parts))
+    for first in range(0, count, chunk):
+        bands = laplacian_pyramid(to_unit_range(x[first:min(first + chunk, count)], value_range), min_resolution)
+        for i in levels:
+            arr = bands[i].permute(0, 2, 3, 1).numpy()  # NHWC, so one fancy index yields (n, per_image, k, k, C)
+            if i not in corners:  # drawn for the whole set: the result depends on neither slices nor chunks
+                h, w = arr.shape[1:3]
+                rng = np.random.default_rng([sampling.seed, sampling.stream, i])
+                ys = rng.integers(0, h - size + 1, (sampling.size, per_image))
+                xs = rng.integers(0, w - size + 1, (sampling.size, per_image))
+                corners[i] = (ys[start:start + count], xs[start:start + count])
+            ys, xs = (c[first:first + len(arr)] for c in corners[i])
+            idx_n = np.arange(arr.shape[0])[:, None, None, None]
+            patches = arr[idx_n, ys[..., None, None] + offsets[:, None], xs[..., None, None] + offsets[None, :]]
+            parts[i].append(patches.reshape(-1, size, size, channels))
+    empty = np.empty((0, size, size, channels), dtype=np.float32)
+    return [np.concatenate(parts[i]) if parts[i] else empty for i in levels]
 
 
 def sliced_wasserstein(a: np.ndarray, b: np.ndarray, rng: np.random.Generator, repeats: int = 4,
@@ -132,17 +162,20 @@ def swd(real: ImageBatch, fake: ImageBatch, seed: int = 0, value_range: tuple[fl
     if x.shape[1:] != y.shape[1:]:
         raise ValueError(f"SWD needs images of one shape: real {tuple(x.shape[1:])}, fake {tuple(y.shape[1:])}; "
                          "resize the real set to the generator's resolution first")
-    if min_resolution < patch_size or min(x.shape[-2:]) < patch_size:
-        raise ValueError(f"SWD: images ({tuple(x.shape[-2:])}) and min_resolution ({min_resolution}) must be at "
-                         f"least the patch size {patch_size}")
-    args = (min_resolution, patches_per_image, patch_size, chunk_size)
-    heights = [band.shape[-2] for band in laplacian_pyramid(first, min_resolution)]
+    heights = pyramid_heights(first, min_resolution)
     levels = {}
-    for i, height in enumerate(heights):
-        # Independent, reproducible streams per (set, level) and for the directions: real patches, fake patches.
+    for i, height in enumerate(heights):  # one level at a time keeps memory to two descriptor sets
         with torch.no_grad():
-            desc_x = _level_descriptors(x, value_range, i, np.random.default_rng([seed, 0, i]), *args)
-            desc_y = _level_descriptors(y, value_range, i, np.random.default_rng([seed, 1, i]), *args)
-        directions_rng = np.random.default_rng([seed, 2, i])
-        levels[height] = SCALE * sliced_wasserstein(desc_x, desc_y, directions_rng, repeats, directions)
+            desc_x, desc_y = (normalise(descriptors(z, PatchSampling(seed, stream, len(z)), levels=[i],
+                                                    value_range=value_range, min_resolution=min_resolution,
+                                                    per_image=patches_per_image, size=patch_size,
+                                                    chunk=chunk_size)[0])
+                              for stream, z in ((0, x), (1, y)))
+        levels[height] = level_distance(desc_x, desc_y, seed, i, repeats, directions)
     return SWDResult(levels=levels, average=float(np.mean(list(levels.values()))))
+
+
+def level_distance(a: np.ndarray, b: np.ndarray, seed: int, level: int, repeats: int = 4,
+                   directions: int = 128) -> float:
+    """SWD x 1e3 of pyramid level `level` between two normalised descriptor sets (directions from stream 2)."""
+    return SCALE * sliced_wasserstein(a, b, np.random.default_rng([seed, 2, level]), repeats, directions)

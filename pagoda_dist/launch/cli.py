@@ -170,7 +170,8 @@ def register(subparsers: Any) -> None:
     _env_arg(p)
     p.set_defaults(func=_guarded(cmd_k8s))
 
-    p = sub.add_parser("check-k8s", help="validate manifest files (JSON Schemas + core Kubernetes schemas)")
+    p = sub.add_parser("check-k8s", help="validate manifest files (KubeRay's CRD schemas, the core Kubernetes "
+                                         "schemas, the secret and grace-period rules)")
     p.add_argument("files", nargs="+")
     p.add_argument("--no-core", action="store_true", help="skip the core Kubernetes schemas")
     p.set_defaults(func=_guarded(cmd_check_k8s))
@@ -191,7 +192,8 @@ def _guarded(func: Any) -> Any:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m pagoda_dist.launch.cli ...` = `pagoda launch ...`, usable before the lead's CLI wires it in."""
+    """`python -m pagoda_dist.launch.cli launch ...` = `pagoda launch ...` (pagoda_dist.cli registers the same
+    subcommands), for a checkout where the `pagoda` entry point is not installed."""
     parser = argparse.ArgumentParser(prog="pagoda")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -98,8 +98,9 @@ def storage_warnings(cfg: Config, multi_node: bool) -> list[str]:
     """Settings that work on one machine but not across nodes, explained (printed, not fatal: one-node runs)."""
     notes = []
     if cfg.storage.embedded_s3 and multi_node:
-        notes.append("storage.embedded_s3=true starts an S3 server on the driver's 127.0.0.1, which other nodes "
-                     "cannot reach; use a shared endpoint: storage.embedded_s3=false storage.endpoint_url=https://...")
+        notes.append("storage.embedded_s3=true: the driver starts or joins an S3 server on its machine's 127.0.0.1, "
+                     "which other machines cannot reach (fine for a cluster on one machine, cluster/local.sh); "
+                     "else use a shared endpoint: storage.embedded_s3=false storage.endpoint_url=https://...")
     if multi_node and "://" not in cfg.run.root:
         notes.append(f"run.root={cfg.run.root!r} is a local path: every node must see the same files there "
                      "(a shared filesystem), else use an s3:// root")

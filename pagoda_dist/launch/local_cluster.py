@@ -282,7 +282,10 @@ class LocalCluster:
             self.token_path.write_text(secrets.token_hex(32))
         log_path = self.temp_dir / f"{name}.log"
         env = {**os.environ, **self.env}
-        env.pop("RAY_ADDRESS", None)  # a stale address would make the node join some other cluster
+        # This cluster's own address, never an inherited one: Ray's processes that look their cluster up without
+        # an address (Ray Train's placement-group watchdog, say) would otherwise pick any Ray on the machine, or
+        # fail when there are several.
+        env["RAY_ADDRESS"] = self.address
         # Job entrypoints (`python ...`) and workers resolve tools beside the Python that runs the node.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         # The node runner is part of this package; make it importable from a source checkout too.

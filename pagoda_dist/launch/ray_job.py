@@ -2,8 +2,10 @@
 
 The same thing `ray job submit --working-dir . -- python -m pagoda_dist.cli run ...` does (launchers/README.md
 has that exact command), plus: the config is validated here first, the shipped checkout leaves out virtualenvs,
-caches and outputs, only non-secret settings travel in the runtime environment, and the exit code is the job's.
-Credentials never travel: the cluster's nodes read them from their own environment / secret store.
+caches and outputs, only non-secret settings travel in the runtime environment, the embedded S3 server's data
+folder is made absolute (a driver on this machine joins the server already running), and the exit code is the
+job's. Credentials never travel: the cluster's nodes read them from their own environment / secret store
+(`cluster/local.sh up` starts its nodes pointed at the local S3 server's credentials file).
 """
 from __future__ import annotations
 
@@ -11,10 +13,11 @@ import asyncio
 import secrets
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from pagoda_dist.config import Config
 from pagoda_dist.launch.common import (
     PROJECT_ROOT,
     LaunchError,
@@ -25,6 +28,7 @@ from pagoda_dist.launch.common import (
     shell_join,
     storage_warnings,
 )
+from pagoda_dist.storage.local_s3 import LocalS3Server
 
 # Left out of the shipped working_dir (gitignore syntax, relative to it): environments, caches, run outputs.
 # Anchored with a leading "/" where a package folder has the same name (pagoda_dist/data/ must ship).
@@ -100,6 +104,26 @@ def runtime_env(request: RayJobRequest) -> dict[str, Any]:
     return env
 
 
+def embedded_s3_overrides(cfg: Config) -> list[str]:
+    """With storage.embedded_s3, the server's data folder as an absolute path, resolved here as a local run would.
+
+    The job's driver runs in Ray's copy of the checkout: a relative folder would name a fresh, empty one in there,
+    whose server then clashes with the one `pagoda s3 up` / `cluster/local.sh up` already runs on the same port.
+    The absolute folder makes a driver on this machine join that server (its leases keep it up while the job
+    runs). A server recorded running in the folder on another port than the config's is refused here, before
+    submitting: the driver would join it and then talk to the wrong port."""
+    s = cfg.storage
+    if not s.embedded_s3 or Path(s.embedded_s3_dir).expanduser().is_absolute():
+        return []
+    server = LocalS3Server(s.embedded_s3_dir, s.embedded_s3_port)
+    running = server.status()
+    if running.running and running.endpoint != server.endpoint:
+        raise LaunchError(f"storage.embedded_s3_port={s.embedded_s3_port}: the embedded S3 server in "
+                          f"{server.data_dir} runs at {running.endpoint}; pass storage.embedded_s3_port="
+                          f"{running.endpoint.rsplit(':', 1)[1]} (or stop it: pagoda s3 down)")
+    return [f"storage.embedded_s3_dir={server.data_dir}"]
+
+
 def submit(request: RayJobRequest, client: Any = None) -> tuple[Any, str]:
     """Validates the config, submits the job; returns (client, submission id)."""
     from ray.job_submission import JobSubmissionClient
@@ -107,6 +131,8 @@ def submit(request: RayJobRequest, client: Any = None) -> tuple[Any, str]:
     cfg = load_checked_config(request.config, request.overrides, request.only)
     for note in storage_warnings(cfg, multi_node=True):
         print(f"pagoda launch ray: note: {note}", file=sys.stderr)
+    if not request.driver:  # a --driver command takes no overrides
+        request = replace(request, overrides=[*request.overrides, *embedded_s3_overrides(cfg)])
     entrypoint, env = request.entrypoint(), runtime_env(request)  # local mistakes first, before any network
     submission_id = request.submission_id or (
         f"pagoda-{cfg.run.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}")

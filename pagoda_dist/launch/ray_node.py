@@ -43,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     import ray._private.node
     import ray._private.parameter
+    import ray._private.utils
     from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
 
     # Nodes sharing a temp dir would pick their socket names by "first free name" (raylet, raylet.1, ...), a race
@@ -75,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     # shutdown_at_exit: SIGTERM (or our exit) stops every process of this node; spawn_reaper: the kernel kills
     # them if this process dies (SIGKILL), so killing this process's group is a clean "machine died".
     node = ray._private.node.Node(params, head=bool(args.head), shutdown_at_exit=True, spawn_reaper=True)
+    if args.head:
+        # As `ray start --head` does: a job's driver finds its cluster ("auto") through this file in the temp dir;
+        # without it Ray picks any GCS process it sees on the machine, maybe another user's cluster.
+        ray._private.utils.write_ray_address(node.gcs_address, args.temp_dir)
     print(f"{READY_MARKER} node_id={node.node_id} gcs={node.gcs_address}", flush=True)
     while True:
         time.sleep(1)

@@ -118,7 +118,9 @@ def render(req: SlurmRequest, template: Path = TEMPLATE) -> tuple[str, Config]:
         "PAGODA_WORKDIR": str(req.workdir),
         # The driver's own budget (runtime.sigterm_grace_s) plus a margin before it is killed outright.
         "PAGODA_GRACE_S": str(int(cfg.runtime.sigterm_grace_s) + 30),
-        "PAGODA_GPUS_PER_NODE": gpus,
+        # The GPUs requested with --gpus-per-node; none requested: empty, so Ray gets what Slurm allocated anyway
+        # (e.g. a --sbatch-arg=--gres=gpu:N), 0 on most CPU partitions.
+        "PAGODA_GPUS_PER_NODE": "" if gpus == "0" else gpus,
     }
     text = _replace_block(text, "settings", "".join(f"{k}={shlex.quote(v)}\n" for k, v in settings.items()))
     if req.driver:

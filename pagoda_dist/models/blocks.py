@@ -62,6 +62,24 @@ class FourierEmbedding(nn.Module):
         return torch.cat([angles.cos(), angles.sin()], dim=1)
 
 
+class ADMNoiseEmbedding(nn.Module):
+    """ADM's sinusoidal features of t = 1000 c_noise (DDPM's timestep scale): cos then sin at the descending
+    frequencies 10000^(-i/half), each rounded as ADM rounds them in float32, so imported ADM weights see exactly the
+    features they were trained on (`model.adm_compatible`)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"ADMNoiseEmbedding: dim must be even, got {dim}")
+        half = dim // 2
+        freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32) / half)
+        self.register_buffer("freqs", freqs, persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        angles = (1000 * x.float()).reshape(-1, 1) * self.freqs.reshape(1, -1)
+        return torch.cat([angles.cos(), angles.sin()], dim=1)
+
+
 def resample(x: Tensor, mode: str) -> Tensor:
     """2x nearest upsampling ("up"), 2x2 average pooling ("down"), or nothing ("none")."""
     if mode == "up":

@@ -18,7 +18,7 @@ from pagoda_dist.models.unet import UNet
 # Config fields that change how a network runs or trains, not which weights it has: a checkpoint loads across them.
 RUNTIME_FIELDS = frozenset({"model.dropout", "model.cond_drop_prob", "model.channels_last"})
 # Fields a record may lack (written before they existed, or left out at their default): absent means this value.
-RECORD_DEFAULTS = {"guidance_input": False}
+RECORD_DEFAULTS = {"guidance_input": False, "model.adm_compatible": False}
 
 
 class ArchitectureMismatchError(ValueError):
@@ -91,3 +91,10 @@ def model_from_architecture(arch: dict[str, Any]) -> nn.Module:
         return OneStepGenerator.from_architecture(arch)
     raise ArchitectureMismatchError(f"unknown network kind {kind!r} in architecture record; "
                                     "expected 'unet' or 'one_step_generator'")
+
+
+def network_from_export(export: dict[str, Any], *, source: str = "export") -> UNet | OneStepGenerator:
+    """The EMA network a checkpoint's export describes, its architecture checked against the weights."""
+    net = model_from_architecture(export["architecture"])
+    load_checked(net, {"architecture": export["architecture"], "state_dict": export["ema"]}, source=source)
+    return net

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pagoda_dist.config import DiscriminatorConfig
-from pagoda_dist.models.conditioning import NO_CLASS, Condition
+from pagoda_dist.interfaces import NO_CLASS, Condition
 
 MIN_RESOLUTION = 4  # the coarsest map a conv scale reduces to
 

@@ -22,7 +22,6 @@ embedding of a guidance-aware generator. `net.out` is the base head.
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import torch
@@ -31,9 +30,9 @@ from torch import Tensor, nn
 
 from pagoda_dist.config import ModelConfig
 from pagoda_dist.diffusion.edm import SIGMA_DATA, edm_preconditioning, per_sample_sigma
+from pagoda_dist.interfaces import Condition
 from pagoda_dist.models.blocks import FourierEmbedding, OutputHead, UNetBlock, zero_
-from pagoda_dist.models.conditioning import Condition
-from pagoda_dist.models.unet import UNet
+from pagoda_dist.models.unet import UNet, model_record
 
 GROWTH_BLOCKS = 3  # per octave: one upsampling block, then two blocks at the new resolution
 GROWTH_OUTPUT = "bicubic+residual"  # each octave: bicubic x2 of the image below plus its own head's residual
@@ -209,7 +208,7 @@ class OneStepGenerator(nn.Module):
         named, instead of a list of missing weights; distilled generators are unaffected and grow as they are.
         """
         arch = {"kind": "one_step_generator", "stage": self.stage, "resolution": self.resolution,
-                "model": dataclasses.asdict(self.cfg), "growth_resolutions": list(self.growth_resolutions),
+                "model": model_record(self.cfg), "growth_resolutions": list(self.growth_resolutions),
                 "trainable_decoder_blocks": self.trainable_decoder_blocks,
                 "sigma_max": self.sigma_max, "sigma_data": self.sigma_data}
         if self.guidance_input:

@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from pagoda_dist.interfaces import Condition
+
 # width 64, 2 layers: ~3.3M parameters (mostly the 49k-token vocabulary table), 64 prompts in ~0.2 s on a CPU.
 TINY_ARCHS: dict[str, dict[str, Any]] = {
     "pagoda-tiny-text": {
@@ -43,11 +45,17 @@ class TextEncoderError(ValueError):
 
 @dataclass
 class TextEmbedding:
-    """The text condition of a batch of captions (see `pagoda_dist.models.conditioning.Condition`)."""
+    """The text condition of a batch of captions (see `pagoda_dist.interfaces.Condition`)."""
 
     pooled: Tensor  # (B, D) float32
     tokens: Tensor  # (B, T, D) float32
     mask: Tensor    # (B, T) bool, True for real tokens (start, words, end-of-text)
+
+    def stored_condition(self) -> Condition:
+        """The condition as the stages read it back from latent pairs, which store the embeddings in float16: a
+        teacher that embeds its captions on the fly sees the same values as every stage after precompute."""
+        return Condition(text_pooled=self.pooled.half().float(), text_tokens=self.tokens.half().float(),
+                         text_mask=self.mask)
 
 
 _registered: set[str] = set()

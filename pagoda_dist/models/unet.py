@@ -10,6 +10,9 @@ Module names are part of the contract (growing copies weights by name, the freez
   dec.{i}                per level (coarse to fine) num_res_blocks + 1 UNetBlocks that each take one skip, and an
                          upsampling UNetBlock between levels; the last entries are the finest-resolution blocks
   out                    the output head (norm, SiLU, conv)
+
+With `model.adm_compatible` the same modules compute as ADM does (the layout of EDM's ImageNet-64 teacher, see
+models/adm_convert.py): ADM's noise embedding, SiLU on the embedding before the blocks, GroupNorm eps 1e-5.
 """
 from __future__ import annotations
 
@@ -17,11 +20,23 @@ import dataclasses
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pagoda_dist.config import ModelConfig
-from pagoda_dist.models.blocks import FourierEmbedding, OutputHead, UNetBlock
-from pagoda_dist.models.conditioning import NO_CLASS, Condition
+from pagoda_dist.interfaces import NO_CLASS, Condition
+from pagoda_dist.models.blocks import ADMNoiseEmbedding, FourierEmbedding, OutputHead, UNetBlock
+
+ADM_NORM_EPS = 1e-5  # ADM's GroupNorm default (ours: 1e-6)
+
+
+def model_record(cfg: ModelConfig) -> dict[str, Any]:
+    """`cfg` as plain data for architecture records. `adm_compatible` appears only when True, so the records of
+    every other network stay what they were before the field existed (resuming compares records for equality)."""
+    record = dataclasses.asdict(cfg)
+    if not record["adm_compatible"]:
+        del record["adm_compatible"]
+    return record
 
 
 class UNet(nn.Module):
@@ -35,7 +50,7 @@ class UNet(nn.Module):
         self.emb_dim = emb_dim
         block_kw: dict[str, Any] = dict(dropout=cfg.dropout, head_channels=cfg.head_channels, text_dim=cfg.text_dim)
 
-        self.emb_noise = FourierEmbedding(ch)
+        self.emb_noise = ADMNoiseEmbedding(ch) if cfg.adm_compatible else FourierEmbedding(ch)
         self.emb_map = nn.Sequential(nn.Linear(ch, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.emb_class = nn.Embedding(cfg.num_classes + 1, emb_dim) if cfg.num_classes else None
         if cfg.text_dim:
@@ -75,6 +90,10 @@ class UNet(nn.Module):
                 cur = out_ch
         self.out_channels = cur
         self.out = OutputHead(cur, cfg.in_channels)
+        if cfg.adm_compatible:
+            for module in self.modules():
+                if isinstance(module, nn.GroupNorm):
+                    module.eps = ADM_NORM_EPS
         if cfg.uses_channels_last:
             self.to(memory_format=torch.channels_last)
 
@@ -131,6 +150,7 @@ class UNet(nn.Module):
 
         extra_emb: (B, 4*channels) added to the embedding, for inputs the teacher does not have (the one-step
         generator's guidance scale); the UNet's own parameters and names are the same with or without it.
+        The embedding returned is the one the blocks consume (after ADM's SiLU with `model.adm_compatible`).
         """
         cond = Condition() if cond is None else cond
         if x.shape[-1] != self.cfg.resolution or x.shape[-2] != self.cfg.resolution:
@@ -140,6 +160,8 @@ class UNet(nn.Module):
         emb = self.embed(c_noise, cond, x.shape[0])
         if extra_emb is not None:
             emb = emb + extra_emb.to(emb.dtype)
+        if self.cfg.adm_compatible:  # ADM applies SiLU to the embedding at the start of every block's projection
+            emb = F.silu(emb)
         tokens, mask = self._text_tokens(cond)
 
         h = self.enc[0](x)
@@ -163,4 +185,4 @@ class UNet(nn.Module):
     def architecture(self) -> dict[str, Any]:
         """Plain-data description stored in checkpoints (see `checkpoint_safety`)."""
         return {"kind": "unet", "stage": "teacher", "resolution": self.cfg.resolution,
-                "model": dataclasses.asdict(self.cfg)}
+                "model": model_record(self.cfg)}

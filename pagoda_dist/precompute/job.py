@@ -41,7 +41,7 @@ class TextSpec:
 class PrecomputeJob:
     """Everything an actor needs besides its tasks; identical for all actors of a run."""
 
-    teacher_url: str                 # export.pt of the committed teacher checkpoint
+    teacher_url: str                 # the export of the committed teacher checkpoint
     teacher_arch: dict[str, Any]     # its UNet architecture record
     base_resolution: int             # the teacher's resolution: images are downsampled to it before inversion
     channels: int

@@ -18,7 +18,7 @@ from pagoda_dist.config import Config
 from pagoda_dist.data.manifest import Manifest, ManifestError, commit_manifest, read_manifest
 from pagoda_dist.data.shards import ShardInfo
 
-from pagoda_dist.ray_session import ensure_ray
+from pagoda_dist.runtime.ray_session import ensure_ray
 from pagoda_dist.runtime.trainer import worker_env  # the same worker environment as training
 
 from .job import PrecomputeJob, ShardTask, TextSpec, make_settings, make_tasks, torch_threads

@@ -24,7 +24,7 @@ from pagoda_dist.data.samples import Sample
 from pagoda_dist.data.shards import ShardWriter, index_name, iter_shard
 from pagoda_dist.data.tensors import downsample, to_tensor
 from pagoda_dist.diffusion import EDMPrecond, invert, sample
-from pagoda_dist.models.conditioning import Condition
+from pagoda_dist.interfaces import Condition
 from pagoda_dist.models.text_encoder import TextEncoder
 
 from .job import PrecomputeJob, ShardTask

@@ -8,10 +8,10 @@ from .drivers import DeepSpeedDriver, PlainDriver, build_optimizer, deepspeed_co
 from .ema import Ema
 from .single import LoopResult, train_single_process
 from .source import BatchSource, DataFactory, DataRequest
-from .trainer import TrainResult, train_stage, validate
+from .trainer import TrainResult, train_stage
 
 __all__ = [
     "BatchSource", "CheckpointMismatch", "CheckpointRef", "CheckpointStore", "DataFactory", "DataRequest",
     "DeepSpeedDriver", "Ema", "LoopResult", "PlainDriver", "TrainResult", "build_optimizer", "deepspeed_config",
-    "load_export", "train_single_process", "train_stage", "validate",
+    "load_export", "train_single_process", "train_stage",
 ]

@@ -6,6 +6,9 @@ Layout of one checkpoint (every rank uploads its own files, rank 0 writes the CO
     rank-RRRRR.pt           per rank: its data reader position and its RNG states (torch, numpy, python)
     ema.pt                  fp32 EMA of the first trainable network
     export.pt               for inference: architecture, fp32 EMA and fp32 live weights (loadable weights_only)
+    export.safetensors      the fp32 EMA weights alone, loadable without unpickling; the export's record as metadata
+    export.json             that record: the export without its weights (stage, images seen, architecture and the
+                            stage's `export_metadata`)
     meta.json               stage, images seen, world size, ZeRO stage, precision, architecture, resolved config
     COMMIT                  storage.commit's marker listing every part with its size; written last
 
@@ -22,6 +25,7 @@ import json
 import random
 import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,17 +34,59 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file as save_safetensors
 
 from pagoda_dist import storage
+from pagoda_dist.config import Config
 
 from .comm import Comm, SoloComm
 
 STEP_PATTERN = re.compile(r"^step-(\d{9,})$")
 FORMAT = 1
+EXPORT_NAME = "export.pt"  # a checkpoint's inference weights (see the layout above)
+EXPORT_SAFETENSORS = "export.safetensors"
+EXPORT_RECORD = "export.json"
+RECORD_KEY = "pagoda_export"  # the safetensors metadata entry holding the record (JSON text)
 
 
 class CheckpointMismatch(RuntimeError):
     """A committed checkpoint cannot be resumed by this run as configured (world size, ZeRO, architecture...)."""
+
+
+class NoExport(FileNotFoundError):
+    """A stage has no committed checkpoint with an export (not trained yet, or still saving)."""
+
+
+class ExportUnreadable(ValueError):
+    """An export file that does not decode: damaged, truncated, or not an export at all."""
+
+
+# What a checkpoint must share with the run that resumes it, and what to do when it differs.
+RESUME_KEYS = {
+    "world_size": "Set runtime.num_workers={saved} to resume",
+    "zero_stage": "Set runtime.zero_stage={saved} to resume",
+    "precision": "Set runtime.precision={saved} to resume",
+    "engines": "The stage's trainable networks changed",
+    "architecture": "The networks' architecture changed (check the model config)",
+}
+
+
+def resume_layout(cfg: Config, world_size: int) -> dict[str, Any]:
+    """The layout keys of RESUME_KEYS that the config and the world size decide (a worker adds its networks')."""
+    rt = cfg.runtime
+    return {"world_size": world_size, "zero_stage": rt.zero_stage, "precision": rt.precision}
+
+
+def check_resumable(expected: dict[str, Any], saved: dict[str, Any], url: str) -> None:
+    """Refuses a checkpoint (its meta `saved`) that this run cannot continue exactly; compares the RESUME_KEYS that
+    `expected` holds (the driver knows the layout before any worker starts; a worker also knows its networks)."""
+    for key, hint in RESUME_KEYS.items():
+        if key in expected and saved.get(key) != expected[key]:
+            raise CheckpointMismatch(
+                f"{url} was saved with {key}={saved.get(key)!r} but this run has {key}={expected[key]!r}; resuming "
+                f"would not continue the run exactly. {hint.format(saved=repr(saved.get(key)))}, or start a new "
+                "run (another run.name).")
 
 
 class EngineState(Protocol):
@@ -134,6 +180,25 @@ class CheckpointStore:
         refs = self.committed()
         return refs[-1] if refs else None
 
+    def export_url(self, ref: CheckpointRef) -> str:
+        """Where checkpoint `ref` keeps its export (architecture, fp32 EMA and live weights)."""
+        return storage.join(ref.url, EXPORT_NAME)
+
+    def latest_export(self) -> tuple[str, int]:
+        """The export of the latest committed checkpoint and the images it had seen; NoExport saying what is
+        there instead when there is none."""
+        ref = self.latest_committed()
+        if ref is None:
+            present = storage.list_dir(self.url)
+            detail = (f"found only uncommitted folders ({', '.join(u.rstrip('/').rsplit('/', 1)[-1] for u in present[:3])}"
+                      "): a run may still be saving or died midway" if present else "nothing is there")
+            raise NoExport(f"no committed {self.stage} checkpoint under {self.url} ({detail}); train the {self.stage} "
+                           "stage first (`pagoda run CONFIG`) or point run.root / run.name at its run")
+        parts = storage.read_commit(ref.url).parts
+        if EXPORT_NAME not in parts:
+            raise NoExport(f"{self.stage} checkpoint {ref.url} has no {EXPORT_NAME} (parts: {', '.join(sorted(parts))})")
+        return self.export_url(ref), ref.nimg
+
     def read_meta(self, ref: CheckpointRef) -> dict[str, Any]:
         return json.loads(storage.read_bytes(storage.join(ref.url, "meta.json")))
 
@@ -152,7 +217,7 @@ class CheckpointStore:
                 torch.save(rank_state, local / f"rank-{comm.rank:05d}.pt")
                 if comm.rank == 0:
                     torch.save(payload.ema, local / "ema.pt")
-                    torch.save(payload.export, local / "export.pt")
+                    write_export(payload.export, local)
                     meta = {**payload.meta, "format": FORMAT, "stage": self.stage, "nimg": payload.nimg}
                     (local / "meta.json").write_text(json.dumps(meta, indent=1, sort_keys=True))
                 uploaded = storage.upload_dir(local, url)  # retried by the storage layer
@@ -236,6 +301,52 @@ class _TempDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def export_record(export: dict[str, Any]) -> dict[str, Any]:
+    """An export without its weights (the entries that are dicts of tensors): plain data, stored as JSON."""
+    def is_weights(value: Any) -> bool:
+        return isinstance(value, dict) and bool(value) and all(isinstance(t, torch.Tensor) for t in value.values())
+
+    return {key: value for key, value in export.items() if not is_weights(value)}
+
+
+def write_export(export: dict[str, Any], folder: Path) -> None:
+    """Writes an export into `folder` as EXPORT_NAME (all of it), EXPORT_SAFETENSORS (its "ema" weights, its record
+    as metadata) and EXPORT_RECORD (the record alone)."""
+    torch.save(export, folder / EXPORT_NAME)
+    record = export_record(export)
+    weights = {name: t.detach().cpu().contiguous() for name, t in export["ema"].items()}
+    metadata = {RECORD_KEY: json.dumps(record, sort_keys=True)}
+    save_safetensors(weights, str(folder / EXPORT_SAFETENSORS), metadata=metadata)
+    (folder / EXPORT_RECORD).write_text(json.dumps(record, indent=1, sort_keys=True))
+
+
+def _safetensors_record(data: bytes, url: str) -> dict[str, Any]:
+    """The record in a safetensors file's metadata (its header: a little-endian u64 length, then JSON)."""
+    size = struct.unpack("<Q", data[:8])[0] if len(data) >= 8 else -1
+    if not 0 <= size <= len(data) - 8:
+        raise ExportUnreadable(f"{url}: truncated or not a safetensors file ({len(data)} bytes); copy it again")
+    header = json.loads(data[8:8 + size])
+    text = (header.get("__metadata__") or {}).get(RECORD_KEY)
+    if text is None:
+        raise ExportUnreadable(f"{url}: a safetensors file without the {RECORD_KEY!r} record in its metadata, so not "
+                               "a pagoda export; load the export.safetensors of a pagoda checkpoint")
+    return json.loads(text)
+
+
 def load_export(url: str) -> dict[str, Any]:
-    """Reads an `export.pt` (a checkpoint's inference weights) from any URL with weights_only=True."""
-    return torch.load(io.BytesIO(storage.read_bytes(url)), weights_only=True)
+    """Reads a checkpoint's export from any URL onto the CPU: EXPORT_NAME with weights_only=True, or
+    EXPORT_SAFETENSORS as {**its record, "ema": its weights}. ExportUnreadable when the bytes do not decode."""
+    data = storage.read_bytes(url)
+    try:
+        if url.endswith(".safetensors"):
+            return {**_safetensors_record(data, url), "ema": load_safetensors(data)}
+        if not data.startswith(b"PK\x03\x04"):  # torch.save writes a zip archive; torch's own error blames pickle
+            raise ExportUnreadable(f"{url}: not a torch checkpoint (no zip archive: it starts with {data[:8]!r}); the "
+                                   "file is damaged or is no export: copy it again, or point at a checkpoint's export")
+        return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
+    except ExportUnreadable:
+        raise
+    except Exception as err:  # noqa: BLE001 - damaged bytes fail in zip, pickle, JSON or safetensors code alike
+        detail = (str(err).strip().splitlines() or [""])[0][:200]
+        raise ExportUnreadable(f"{url}: not a readable export ({type(err).__name__}: {detail}); the file is damaged "
+                               "or is no export: copy it again, or point at a checkpoint's export") from None

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from pagoda_dist.config import TrainConfig
-from pagoda_dist.stages.base import Batch, Stage
+from pagoda_dist.interfaces import Batch, Stage
 
 from .drivers import PlainDriver
 from .ema import Ema

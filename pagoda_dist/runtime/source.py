@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pagoda_dist.config import Config
-from pagoda_dist.stages.base import Batch, StageInputs
+from pagoda_dist.interfaces import Batch, StageInputs
 
 
 @dataclass(frozen=True)

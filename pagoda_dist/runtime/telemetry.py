@@ -7,7 +7,7 @@ over ranks): below `runtime.cpus_per_worker` on a CPU run, the ranks waited (on 
 crowded off their cores by other processes.
 
 MFU divides the FLOPs of one counted training step by the time per step and the machine's measured matmul peak
-(`eval.flops.estimate_peak_flops`, measured on every rank at once so each sees its share of a shared machine). A
+(`runtime.flops.estimate_peak_flops`, measured on every rank at once so each sees its share of a shared machine). A
 peak measured while other jobs load the machine reads low and would make MFU read high, so a short measurement is
 repeated at every log point and the best one kept. The count runs only on the first step of a fresh run and
 travels in the checkpoint: under a counting dispatch mode bf16 kernels round differently, so counting a step after

@@ -1,8 +1,8 @@
 """`train_stage`: run one stage on a Ray Train worker group (starting or joining Ray) and report how it ended.
 
-Validation happens here, before Ray or any worker starts: the config's batch geometry against the world size,
-the ZeRO stage, picklability of the factories, and whether the latest committed checkpoint can be resumed with
-this world size / ZeRO stage / precision.
+Checks happen here, before Ray or any worker starts: the config (validated again, by the config itself, since a
+caller may have changed it after loading), picklability of the factories, and whether the latest committed
+checkpoint can be resumed with this world size / ZeRO stage / precision.
 """
 from __future__ import annotations
 
@@ -15,20 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from pagoda_dist import storage
-from pagoda_dist.config import Config, ConfigError, TrainConfig
-from pagoda_dist.ray_session import ensure_ray
-from pagoda_dist.stages.base import Stage
+from pagoda_dist.chain import stage_spec
+from pagoda_dist.config import Config, from_dict, to_dict
+from pagoda_dist.interfaces import Stage
 
 from . import preemption
-from .checkpoint import CheckpointMismatch, CheckpointStore
+from .checkpoint import CheckpointStore, check_resumable, resume_layout
 from .source import DataFactory
-from .worker import WorkerEnv, WorkerJob, ray_train_loop
-
-# Credentials travel to workers inside the job (never through a runtime_env, which Ray shows in its dashboard),
-# so a remote cluster sees the same identity as the driver. Values are masked in every repr.
-SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "WANDB_API_KEY")
-PLAIN_ENV = ("TORCH_EXTENSIONS_DIR", "AWS_CA_BUNDLE")
-
+from .ray_session import ensure_ray, worker_env
+from .worker import WorkerJob, ray_train_loop
 
 @dataclass
 class TrainResult:
@@ -37,33 +32,11 @@ class TrainResult:
     stage: str
     nimg: int                       # images seen at the end
     checkpoint_url: str | None      # the last committed checkpoint
-    export_url: str | None          # its export.pt (EMA + live weights, fp32, weights_only-loadable)
+    export_url: str | None          # its export (EMA + live weights, fp32, weights_only-loadable)
     preempted: bool                 # True: stopped on SIGTERM after saving; run the same command to continue
     resumed_from: int | None        # images seen in the checkpoint this attempt started from (None: fresh)
     metrics: dict[str, float] = field(default_factory=dict)        # the last log record
     history: list[dict[str, float]] = field(default_factory=list)  # every log record of the last attempt
-
-
-def validate(cfg: Config, stage_name: str) -> TrainConfig:
-    """Checks what a run needs before any work starts; raises ConfigError naming the key."""
-    train = cfg.train_config(stage_name)
-    rt = cfg.runtime
-    if rt.zero_stage not in (0, 1, 2, 3):
-        raise ConfigError(f"runtime.zero_stage: must be 0, 1, 2 or 3, got {rt.zero_stage!r}")
-    if rt.num_workers < 1:
-        raise ConfigError(f"runtime.num_workers: must be >= 1, got {rt.num_workers}")
-    per_step = rt.num_workers * train.grad_accum
-    if train.batch_size % per_step:
-        raise ConfigError(f"{_section(stage_name)}.train.batch_size: {train.batch_size} is not divisible by "
-                          f"runtime.num_workers x grad_accum = {rt.num_workers} x {train.grad_accum}; use a multiple "
-                          f"of {per_step}")
-    if rt.precision == "bf16" and rt.zero_stage == 0 and rt.num_workers > 1:
-        raise ConfigError("runtime.precision: bf16 with several workers needs runtime.zero_stage >= 1")
-    return train
-
-
-def _section(stage_name: str) -> str:
-    return "grow" if stage_name.startswith("grow") else stage_name
 
 
 def _check_picklable(name: str, fn: Any) -> None:
@@ -85,30 +58,12 @@ def default_local_dir(cfg: Config) -> Path:
     return Path("work", "runs", cfg.run.name).absolute()
 
 
-def worker_env(cfg: Config) -> WorkerEnv:
-    plain = {name: os.environ[name] for name in PLAIN_ENV if os.environ.get(name)}
-    plain.update(storage.env_for_workers())
-    if not cfg.runtime.use_gpu:
-        plain["DS_ACCELERATOR"] = "cpu"
-    secret = {name: os.environ[name] for name in SECRET_ENV if os.environ.get(name)}
-    return WorkerEnv(plain, secret)
-
-
-def check_resumable(cfg: Config, stage_name: str, run_url: str) -> None:
+def check_latest_resumable(cfg: Config, stage_name: str, run_url: str) -> None:
     """Refuses, before any worker starts, a latest checkpoint saved with another world size/ZeRO stage/precision."""
     store = CheckpointStore(run_url, stage_name)
     latest = store.latest_committed()
-    if latest is None:
-        return
-    saved = store.read_meta(latest)
-    now = {"world_size": cfg.runtime.num_workers, "zero_stage": cfg.runtime.zero_stage,
-           "precision": cfg.runtime.precision}
-    for key, value in now.items():
-        if saved.get(key) != value:
-            raise CheckpointMismatch(
-                f"{latest.url} was saved with {key}={saved.get(key)!r} but this run has {key}={value!r}; resuming "
-                f"would not continue the run exactly. Set runtime.{'num_workers' if key == 'world_size' else key}="
-                f"{saved.get(key)!r} to resume, or start a new run (another run.name).")
+    if latest is not None:
+        check_resumable(resume_layout(cfg, cfg.runtime.num_workers), store.read_meta(latest), latest.url)
 
 
 def train_stage(cfg: Config, stage_factory: Callable[[Config], Stage], data_factory: DataFactory, *,
@@ -122,12 +77,14 @@ def train_stage(cfg: Config, stage_factory: Callable[[Config], Stage], data_fact
     opens each rank's data stream. Both must be picklable. Uses the Ray the caller initialised, else connects to
     `cfg.runtime.ray_address`, else starts a local one (left running for later stages).
     """
-    validate(cfg, stage_name)
+    cfg = from_dict(to_dict(cfg))  # validated again, in the one place: a caller may have changed it since
+    train = stage_spec(cfg, stage_name).train
     _check_picklable("stage_factory", stage_factory)
     _check_picklable("data_factory", data_factory)
-    storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
+    s = cfg.storage
+    storage.configure(s.endpoint_url, s.region, retry_budget_s=s.retry_budget_s)
     run_url = _absolute(cfg.run_url)
-    check_resumable(cfg, stage_name, run_url)
+    check_latest_resumable(cfg, stage_name, run_url)
     local = Path(local_dir).absolute() if local_dir is not None else default_local_dir(cfg)
 
     ensure_ray(cfg, cfg.runtime.num_workers * cfg.runtime.cpus_per_worker)
@@ -142,7 +99,7 @@ def train_stage(cfg: Config, stage_factory: Callable[[Config], Stage], data_fact
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     rt = cfg.runtime
     relay = start_stop_relay()
-    job = WorkerJob(cfg, stage_name, stage_factory, data_factory, run_url, str(local), worker_env(cfg), relay)
+    job = WorkerJob(cfg, stage_name, train, stage_factory, data_factory, run_url, str(local), worker_env(cfg), relay)
     trainer = TorchTrainer(
         ray_train_loop,
         train_loop_config={"job": job},

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +20,19 @@ import numpy as np
 import torch
 
 from pagoda_dist import storage
-from pagoda_dist.config import Config, to_dict
-from pagoda_dist.models.conditioning import Condition
-from pagoda_dist.stages.base import Stage
+from pagoda_dist.config import Config, TrainConfig, to_dict
+from pagoda_dist.data.grid import save_grid
+from pagoda_dist.interfaces import Batch, Stage
 
 from . import preemption
-from .checkpoint import (CheckpointMismatch, CheckpointRef, CheckpointStore, SavePayload, capture_rng,
-                         restore_rng)
+from .checkpoint import (CheckpointRef, CheckpointStore, SavePayload, capture_rng, check_resumable, restore_rng,
+                         resume_layout)
 from .comm import Comm
+from .flops import estimate_peak_flops
 from .drivers import DeepSpeedDriver, deepspeed_config
 from .ema import Ema, full_state_dict
 from .jit_ops import use_environment_ninja
+from .ray_session import WorkerEnv
 from .schedule import crossed, ema_beta
 from .source import DataFactory, DataRequest
 from .telemetry import Telemetry, start_wandb
@@ -40,26 +41,12 @@ EXPORT_FORMAT = 1
 
 
 @dataclass
-class WorkerEnv:
-    """Environment for the workers; secret values never appear in a repr, log line or error message."""
-
-    plain: dict[str, str] = field(default_factory=dict)
-    secret: dict[str, str] = field(default_factory=dict)
-
-    def apply(self) -> None:
-        os.environ.update(self.plain)
-        os.environ.update(self.secret)
-
-    def __repr__(self) -> str:
-        return f"WorkerEnv(plain={self.plain!r}, secret={sorted(self.secret)} (values hidden))"
-
-
-@dataclass
 class WorkerJob:
     """Everything a worker needs, shipped once through Ray (all fields picklable)."""
 
     cfg: Config
     stage_name: str
+    train: TrainConfig  # the stage's train section (`chain.StageSpec.train`)
     stage_factory: Callable[[Config], Stage]
     data_factory: DataFactory
     run_url: str     # absolute local path or object-store URL
@@ -100,23 +87,22 @@ def preserved_rng() -> Iterator[None]:
         restore_rng(state)
 
 
-def check_compatible(expected: dict[str, Any], saved: dict[str, Any], url: str) -> None:
-    """Refuses to resume a checkpoint whose layout this run cannot honour exactly."""
-    for key, hint in (("world_size", "resume with runtime.num_workers equal to the saved value"),
-                      ("zero_stage", "resume with the saved runtime.zero_stage"),
-                      ("precision", "resume with the saved runtime.precision"),
-                      ("engines", "the stage's trainable networks changed"),
-                      ("architecture", "the networks' architecture changed (check the model config)")):
-        if saved.get(key) != expected.get(key):
-            raise CheckpointMismatch(f"{url}: saved {key}={saved.get(key)!r} but this run has "
-                                     f"{key}={expected.get(key)!r}; {hint}, or train under a new run name")
+def export_payload(stage: Stage, stage_name: str, nimg: int, network: str, ema: dict[str, torch.Tensor],
+                   live: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A checkpoint's export (`checkpoint.write_export` writes its files): the fp32 EMA and live weights of the
+    stage's first network, its architecture, and the stage's optional `export_metadata()` (see interfaces.Stage)."""
+    describe = getattr(stage, "export_metadata", None)
+    return {"format": EXPORT_FORMAT, "stage": stage_name, "nimg": nimg, "network": network,
+            "architecture": stage.architecture(), "metadata": describe() if describe is not None else {},
+            "ema": ema, "net": live}
 
 
 def run_worker(job: WorkerJob, rank: int, world_size: int, device: torch.device) -> dict[str, Any]:
     started = time.perf_counter()
     cfg = job.cfg
-    train = cfg.train_config(job.stage_name)
-    storage.configure(cfg.storage.endpoint_url, cfg.storage.region)
+    train = job.train
+    s = cfg.storage
+    storage.configure(s.endpoint_url, s.region, retry_budget_s=s.retry_budget_s)
     if device.type == "cpu":
         # torch starts one thread per core of the machine, not of the worker's share: two 1-CPU workers on a
         # 2-core node would run four spinning OpenMP threads on two cores (several times slower under load).
@@ -137,15 +123,14 @@ def run_worker(job: WorkerJob, rank: int, world_size: int, device: torch.device)
         ema.net.to(device)
     driver = DeepSpeedDriver(nets, stage.optimizers(), deepspeed_config(train, cfg.runtime, world_size))
     store = CheckpointStore(job.run_url, job.stage_name, scratch=Path(job.local_dir) / "tmp")
-    meta = {"world_size": world_size, "zero_stage": cfg.runtime.zero_stage, "precision": cfg.runtime.precision,
-            "engines": list(nets), "architecture": stage.architecture(), "config": to_dict(cfg),
-            "batch_size": train.batch_size}
+    meta = {**resume_layout(cfg, world_size), "engines": list(nets), "architecture": stage.architecture(),
+            "config": to_dict(cfg), "batch_size": train.batch_size}
 
     ready = {"engines": time.perf_counter() - started}
     nimg, data_state, rng_state = 0, None, None
     latest = comm.broadcast(store.latest_committed() if rank == 0 else None)
     if latest is not None:
-        loaded = store.load(latest, driver, comm, check=lambda saved: check_compatible(meta, saved, latest.url))
+        loaded = store.load(latest, driver, comm, check=lambda saved: check_resumable(meta, saved, latest.url))
         nimg, data_state, rng_state = latest.nimg, loaded.data_state, loaded.rng
         meta["flops_per_step"] = loaded.meta.get("flops_per_step")
         if loaded.ema is not None:
@@ -180,8 +165,7 @@ def run_worker(job: WorkerJob, rank: int, world_size: int, device: torch.device)
         ema_state = export = None
         if rank == 0:
             ema_state = ema.state_dict()
-            export = {"format": EXPORT_FORMAT, "stage": job.stage_name, "nimg": nimg, "network": first,
-                      "architecture": meta["architecture"], "ema": ema_state, "net": live}
+            export = export_payload(stage, job.stage_name, nimg, first, ema_state, live)
         ref = store.save(SavePayload(nimg, driver, source.state(), meta, ema_state, export), comm)
         if rank == 0:
             store.prune(log.keep_checkpoints)
@@ -231,14 +215,12 @@ def run_worker(job: WorkerJob, rank: int, world_size: int, device: torch.device)
         print(f"[{job.stage_name}] {nimg} images seen; loop {time.perf_counter() - loop_start:.1f} s", flush=True)
     return {"stage": job.stage_name, "nimg": nimg, "preempted": preempted,
             "checkpoint_url": saved.url if saved else None,
-            "export_url": storage.join(saved.url, "export.pt") if saved else None,
+            "export_url": store.export_url(saved) if saved else None,
             "metrics": telemetry.history[-1] if telemetry.history else {},
             "history": telemetry.history, "resumed_from": latest.nimg if latest else None}
 
 
 def _peak_flops(device: torch.device, precision: str, quick: bool = False) -> float:
-    from pagoda_dist.eval.flops import estimate_peak_flops
-
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     # Measured on every rank at once: on a shared machine each rank's share is what its steps can use.
     return estimate_peak_flops(device, dtype, repeats=2 if quick else 8, trials=1 if quick else 2)
@@ -252,34 +234,23 @@ def _wandb(job: WorkerJob, meta: dict[str, Any]) -> Any:
 
 
 class _GridWriter:
-    """PNG grids from the EMA network on fixed noise, written to RUN_URL/STAGE/samples/ (rank 0 only)."""
+    """PNG grids from the EMA network on the stage's fixed noise and conditions, written to RUN_URL/STAGE/samples/
+    (rank 0 only)."""
 
     def __init__(self, job: WorkerJob, stage: Stage, store: CheckpointStore, device: torch.device) -> None:
         cfg = job.cfg
-        self.stage, self.store, self.n = stage, store, cfg.logging.grid_size ** 2
-        g = torch.Generator().manual_seed(cfg.run.seed)
-        shape = (self.n, cfg.model.in_channels, cfg.model.resolution, cfg.model.resolution)
-        self.noise = torch.randn(shape, generator=g).to(device)
-        self.condition = _grid_condition(job, stage, self.n).to(device)
-        self.nrow = cfg.logging.grid_size
+        self.stage, self.store, self.nrow = stage, store, cfg.logging.grid_size
+
+        def first_batch(n: int) -> Batch:
+            with preserved_rng():  # the grid's samples must not change what training draws
+                return next(iter(job.data_factory(cfg, DataRequest(0, 1, n, cfg.run.seed, stage.inputs, None))))
+
+        noise, condition = stage.grid_inputs(self.nrow ** 2, cfg.run.seed, first_batch)
+        self.noise, self.condition = noise.to(device), condition.to(device)
 
     def write(self, net: torch.nn.Module, nimg: int) -> str:
-        from pagoda_dist.eval.grid import save_grid
-
         with preserved_rng(), torch.no_grad():
             images = self.stage.sample(net, self.noise, self.condition)
         url = storage.join(self.store.url, "samples", f"grid-{nimg:09d}.png")
         storage.write_bytes(url, save_grid(images.detach().float().cpu(), nrow=self.nrow))
         return url
-
-
-def _grid_condition(job: WorkerJob, stage: Stage, n: int) -> Condition:
-    """Fixed conditions for the grids: class labels in order, or the first captions of the data stream."""
-    cfg = job.cfg
-    if cfg.model.num_classes:
-        return Condition(class_labels=torch.arange(n) % cfg.model.num_classes)
-    if cfg.model.text_dim:
-        with preserved_rng():
-            first = job.data_factory(cfg, DataRequest(0, 1, n, cfg.run.seed, stage.inputs, None))
-            return next(iter(first)).condition
-    return Condition()

@@ -1,77 +1,40 @@
-"""What a training stage is, seen from whoever drives it (a 30-line loop or the distributed runtime).
-
-A stage owns its networks and its math; a driver owns optimisation (plain optimizers or DeepSpeed engines),
-data, checkpoints and logging. The two meet in `Stage.train_step(batch, driver)`: the stage computes losses and
-asks the driver to run backward and to step each named network, so the same step runs single-process on the CPU
-and under DeepSpeed ZeRO on many GPUs.
-"""
+"""What the stages share beyond the `Stage` protocol (see `pagoda_dist.interfaces`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Protocol
+import os
+from collections.abc import Callable
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from pagoda_dist.config import OptimizerConfig
-from pagoda_dist.models.conditioning import Condition
-
-
-@dataclass
-class Batch:
-    """One (per-rank) batch: images in [-1, 1] at the stage's resolution, their condition, maybe latents."""
-
-    image: Tensor  # (B, C, H, W), H = W = StageInputs.resolution
-    condition: Condition = field(default_factory=Condition)
-    latent: Tensor | None = None  # (B, C, r, r) DDIM-inversion latent at the base resolution r
-
-    def to(self, device: torch.device | str) -> Batch:
-        latent = None if self.latent is None else self.latent.to(device)
-        return Batch(self.image.to(device), self.condition.to(device), latent)
-
-    def __len__(self) -> int:
-        return self.image.shape[0]
+from pagoda_dist.config import Config
+from pagoda_dist.interfaces import Batch, Condition
 
 
-@dataclass(frozen=True)
-class StageInputs:
-    """What a stage consumes: images at `resolution`, from image shards or from latent-pair shards."""
-
-    resolution: int
-    needs_latents: bool
-
-
-class StepDriver(Protocol):
-    """The optimisation side of a step, for networks named as in `Stage.trainable()`."""
-
-    def module(self, name: str) -> nn.Module:
-        """The network to call in the forward pass (a plain module or its DeepSpeed engine)."""
-
-    def backward(self, name: str, loss: Tensor) -> None:
-        """Backpropagates `loss` into network `name` (loss already scaled for accumulation by the driver)."""
-
-    def step(self, name: str) -> None:
-        """Clips, steps and zeroes the gradients of network `name` (at accumulation boundaries)."""
+def grid_inputs(cfg: Config, n: int, seed: int, first_batch: Callable[[int], Batch]) -> tuple[Tensor, Condition]:
+    """`Stage.grid_inputs` of every PaGoDA stage: unit noise at the base resolution (every stage starts from it),
+    and class labels in order, the first captions' embeddings of the data, or no condition."""
+    m = cfg.model
+    noise = torch.randn((n, m.in_channels, m.resolution, m.resolution), generator=torch.Generator().manual_seed(seed))
+    if m.num_classes:
+        return noise, Condition(class_labels=torch.arange(n) % m.num_classes)
+    if m.text_dim:
+        return noise, first_batch(n).condition
+    return noise, Condition()
 
 
-class Stage(Protocol):
-    """A PaGoDA stage: teacher, distil or one growth step."""
-
-    name: str
-    inputs: StageInputs
-
-    def trainable(self) -> dict[str, nn.Module]:
-        """Networks with an optimizer, by name; the first one is the network whose EMA is kept and sampled."""
-
-    def optimizers(self) -> dict[str, OptimizerConfig]:
-        """The optimizer settings of each trainable network, by the same names."""
-
-    def train_step(self, batch: Batch, driver: StepDriver, nimg: int) -> dict[str, float]:
-        """One optimisation step on `batch` after `nimg` images were seen; returns scalar losses and metrics."""
-
-    @torch.no_grad()
-    def sample(self, net: nn.Module, noise: Tensor, condition: Condition) -> Tensor:
-        """Images in [-1, 1] from `net` (the EMA copy of the first trainable network) and base-resolution noise."""
-
-    def architecture(self) -> dict:
-        """Plain-data description of the networks (stored in checkpoints; a mismatched load names the difference)."""
+def export_metadata(cfg: Config) -> dict[str, Any]:
+    """`Stage.export_metadata` of every PaGoDA stage: what a loader needs, beyond the architecture record, to sample
+    the exported network as the run does (`pagoda_dist.api`): the EDM noise levels, the teacher's PF-ODE sampler
+    (a generator's default guidance scale is its `guidance`), the condition kind and, for text, the CLIP text tower
+    the captions were embedded with (`precompute.clip_*`: a local weights path, or a seeded random tower)."""
+    d, s, m, pre = cfg.diffusion, cfg.teacher.sampler, cfg.model, cfg.precompute
+    text = None
+    if m.text_dim:
+        weights = None if pre.clip_weights is None else os.path.abspath(os.path.expanduser(pre.clip_weights))
+        text = {"arch": pre.clip_model, "weights": weights, "random_init": weights is None}
+    return {"diffusion": {"sigma_data": d.sigma_data, "sigma_min": d.sigma_min, "sigma_max": d.sigma_max, "rho": d.rho},
+            "sampler": {"solver": s.solver, "steps": s.steps, "guidance": s.guidance, "clamp": s.clamp},
+            "condition": "class" if m.num_classes else "text" if m.text_dim else "none",
+            "num_classes": m.num_classes, "text_encoder": text}

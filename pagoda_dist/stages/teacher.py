@@ -1,14 +1,16 @@
 """Stage 1: the low-resolution EDM diffusion teacher."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor, nn
 
-from pagoda_dist.config import Config, OptimizerConfig
+from pagoda_dist.config import Config, DiffusionConfig, OptimizerConfig, SamplerConfig
 from pagoda_dist.diffusion import EDMPrecond, edm_loss, sample
-from pagoda_dist.models.conditioning import Condition
+from pagoda_dist.interfaces import Batch, Condition, StageInputs, StepDriver
 from pagoda_dist.models.unet import UNet
-from pagoda_dist.stages.base import Batch, StageInputs, StepDriver
+from pagoda_dist.stages.base import export_metadata, grid_inputs
 
 
 def drop_for_guidance(condition: Condition, prob: float, batch: int, device: torch.device) -> Condition:
@@ -16,6 +18,25 @@ def drop_for_guidance(condition: Condition, prob: float, batch: int, device: tor
     if prob <= 0 or condition.is_empty:
         return condition
     return condition.drop(torch.rand(batch, device=device) < prob)
+
+
+@torch.no_grad()
+def sample_teacher(net: nn.Module, noise: Tensor, condition: Condition, diffusion: DiffusionConfig,
+                   sampler: SamplerConfig, guidance: float | Tensor | None = None) -> Tensor:
+    """Images in [-1, 1] from the teacher `net` and unit `noise` with the PF-ODE `sampler` (classifier-free guided).
+
+    guidance: the scale, one for the batch or a (B,) tensor with one per sample; None: sampler.guidance.
+    An empty condition samples unguided.
+    """
+    if condition.is_empty:
+        guidance = 1.0
+    elif guidance is None:
+        guidance = sampler.guidance
+    d, s = diffusion, sampler
+    result = sample(EDMPrecond(net, d.sigma_data), noise, condition, solver=s.solver, steps=s.steps,
+                    sigma_min=d.sigma_min, sigma_max=d.sigma_max, rho=d.rho, guidance=guidance,
+                    null_cond=Condition.null, clamp=s.clamp)
+    return result.x.clamp(-1, 1)
 
 
 class TeacherStage:
@@ -48,19 +69,19 @@ class TeacherStage:
     @torch.no_grad()
     def sample(self, net: nn.Module, noise: Tensor, condition: Condition,
                guidance: float | Tensor | None = None) -> Tensor:
-        """The teacher's PF-ODE sampler (teacher.sampler settings, with classifier-free guidance).
+        """The teacher's PF-ODE sampler with the teacher.sampler settings (see `sample_teacher`)."""
+        return sample_teacher(net, noise, condition, self.cfg.diffusion, self.cfg.teacher.sampler, guidance)
 
-        guidance: the scale, one for the batch or a (B,) tensor with one per sample; None: teacher.sampler.guidance.
-        An empty condition samples unguided.
-        """
-        s, d = self.cfg.teacher.sampler, self.cfg.diffusion
-        if condition.is_empty:
-            guidance = 1.0
-        elif guidance is None:
-            guidance = s.guidance
-        result = sample(self.denoiser(net), noise, condition, solver=s.solver, steps=s.steps, sigma_min=d.sigma_min,
-                        sigma_max=d.sigma_max, rho=d.rho, guidance=guidance, null_cond=Condition.null, clamp=s.clamp)
-        return result.x.clamp(-1, 1)
+    def grid_inputs(self, n: int, seed: int, first_batch: Callable[[int], Batch]) -> tuple[Tensor, Condition]:
+        return grid_inputs(self.cfg, n, seed, first_batch)
 
     def architecture(self) -> dict:
         return self.net.architecture()
+
+    def export_metadata(self) -> dict:
+        return export_metadata(self.cfg)
+
+
+def build_teacher(cfg: Config) -> TeacherStage:
+    """Stage 1 from the config alone: a freshly initialised UNet (the chain's first stage starts from nothing)."""
+    return TeacherStage(cfg)

@@ -162,14 +162,17 @@ def _bucket_of(url: str) -> str:
     return rest.split("/", 1)[0]
 
 
-def translate(exc: BaseException, *, url: str, endpoint: str, action: str, attempts: int = 1) -> StorageError:
-    """A `StorageError` describing `exc` for `url`; the original stays reachable as `__cause__`."""
+def translate(exc: BaseException, *, url: str, endpoint: str, action: str, attempts: int = 1,
+              note: str = "") -> StorageError:
+    """A `StorageError` describing `exc` for `url`; the original stays reachable as `__cause__`. `note` (why the
+    retries stopped) is added to the message of a transient failure."""
     if isinstance(exc, StorageError):
         return exc
     where = f"{action} {url}"
     remote = "://" in url and not url.startswith("file://")
     code = s3_error_code(exc)
     tried = f" after {attempts} attempts" if attempts > 1 else ""
+    gave_up = f" It {note}." if note else ""
     if is_missing_bucket(exc):
         bucket = _bucket_of(url)
         return BucketNotFound(
@@ -196,11 +199,11 @@ def translate(exc: BaseException, *, url: str, endpoint: str, action: str, attem
         return EndpointUnreachable(
             f"{where}: cannot reach the S3 endpoint {endpoint}{tried} ({type(_chain(exc)[-1]).__name__}). Is the "
             "server running (`pagoda s3 status` for the local one)? Check storage.endpoint_url / AWS_ENDPOINT_URL "
-            "and the network.", url=url, endpoint=endpoint)
+            f"and the network.{gave_up}", url=url, endpoint=endpoint)
     if classify(exc) is Kind.TRANSIENT:
         what = f"S3 error {code}" if code else redact(f"{type(exc).__name__}: {exc}")
         return StorageUnavailable(
             f"{where}: {endpoint if remote else 'storage'} kept failing{tried} ({what}); try again later or check "
-            "the server's health.", url=url, endpoint=endpoint)
+            f"the server's health.{gave_up}", url=url, endpoint=endpoint)
     detail = f"S3 error {code}" if code else redact(f"{type(exc).__name__}: {exc}")
     return StorageError(f"{where} failed: {detail}.", url=url, endpoint=endpoint if remote else "")

@@ -43,12 +43,21 @@ def s3_command(action: str, data_dir: Path, port: int = 8333, *, buckets: Sequen
                 say(f"  buckets:     {', '.join(f's3://{b}/' for b in buckets)}")
             return 0
         if action == "down":
+            others = [u for u in server.users() if u != "pinned"]
             pid = server.stop()
             say(f"pagoda s3: stopped (pid {pid})" if pid else "pagoda s3: not running")
+            if pid and others:
+                say(f"pagoda s3: note: {len(others)} process(es) were still using it (PIDs "
+                    f"{', '.join(u.split('.')[0] for u in others)})")
             return 0
         st = server.status()
         say(f"pagoda s3: running (pid {st.pid})" if st.running else "pagoda s3: not running")
         _describe(st, say)
+        if st.running:
+            users = server.users()
+            pids = [u.split(".")[0] for u in users if u != "pinned"]
+            say(f"  kept up by:  {'`pagoda s3 up` (until `pagoda s3 down`)' if 'pinned' in users else ''}"
+                f"{'; ' if 'pinned' in users and pids else ''}{'processes ' + ', '.join(pids) if pids else ''}")
         return 0 if st.running else EXIT_NOT_RUNNING
     except (StorageError, ValueError, OSError) as exc:
         print(f"pagoda s3 {action}: {exc}", file=sys.stderr)

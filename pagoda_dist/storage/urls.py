@@ -19,7 +19,7 @@ from . import settings
 # Environment that changes which credentials/endpoint botocore picks; part of the client cache key (hashed).
 _CLIENT_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
                "AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
-               "AWS_REGION", "AWS_DEFAULT_REGION")
+               "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_RETRY_MODE", "AWS_MAX_ATTEMPTS")
 
 _cache_lock = threading.Lock()
 _s3_cache: dict[tuple[int, settings.S3Settings, str], fsspec.AbstractFileSystem] = {}
@@ -53,13 +53,29 @@ def _env_fingerprint() -> str:
     return hashlib.sha256(joined.encode()).hexdigest()
 
 
+def botocore_retries() -> dict[str, str]:
+    """botocore's per-request retry settings: the retry mode configured for botocore (AWS_RETRY_MODE or the
+    profile's retry_mode), else "standard" instead of botocore's legacy default. The number of attempts is left
+    out, so botocore takes AWS_MAX_ATTEMPTS / the profile's max_attempts when set (else its mode's default)."""
+    import botocore.session
+
+    mode = os.environ.get("AWS_RETRY_MODE", "").strip()
+    if not mode:
+        try:  # botocore's own lookup would fall back to its "legacy" default, hiding whether anyone set it
+            mode = str(botocore.session.Session().get_scoped_config().get("retry_mode") or "").strip()
+        except Exception:  # noqa: BLE001 - unreadable AWS config file or missing profile: botocore reports it on use
+            mode = ""
+    return {"mode": mode or "standard"}
+
+
 def _make_s3(conf: settings.S3Settings) -> fsspec.AbstractFileSystem:
     import s3fs  # deferred: importing aiobotocore costs ~0.3 s that local-only users need not pay
 
     endpoint = settings.effective_endpoint()
     config: dict = {
-        # One retry layer (ours, see retry.py): botocore's own retries would multiply with it.
-        "retries": {"total_max_attempts": 1},
+        # botocore retries each request in its standard mode (a few quick attempts), or as AWS_RETRY_MODE /
+        # AWS_MAX_ATTEMPTS / the AWS config file say; retry.py retries whole operations within the time budget.
+        "retries": botocore_retries(),
         "connect_timeout": conf.connect_timeout_s,
         "read_timeout": conf.read_timeout_s,
     }

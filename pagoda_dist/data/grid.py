@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .images import ImageBatch, to_unit_range
+from pagoda_dist.data.images import ImageBatch, to_unit_range
 
 
 def grid_array(images: ImageBatch, nrow: int | None = None, padding: int = 1,

@@ -1,15 +1,25 @@
-"""The condition a network sees: a class label, a CLIP text embedding, or nothing; plus, for a guidance-aware
-one-step generator, the classifier-free guidance scale it should imitate.
+"""What the data layer, the runtime and the stages share: a `Batch` and its `Condition`, `StageInputs` (what a
+stage asks of the data), and the `Stage` / `StepDriver` protocols (what the runtime trains, and how a stage asks it
+to optimise).
 
-One small container so that the UNet, the discriminator, the solvers (classifier-free guidance) and the data
-loader agree on what "the condition" and "no condition" mean.
+A neutral module: it imports torch only, so data/, runtime/, models/ and stages/ can all share these types
+without importing each other. A stage is a plain object with `train_step(batch, driver, nimg)`: the stage computes
+losses and asks the driver to run backward and to step each named network, so the same step runs single-process on
+the CPU and under DeepSpeed ZeRO on many GPUs. `Condition` is the one container that the UNet, the discriminator, the solvers
+(classifier-free guidance) and the data loader use for "the condition" and "no condition": a class label, a CLIP
+text embedding, or nothing; plus, for a guidance-aware one-step generator, the guidance scale it should imitate.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from pagoda_dist.config import OptimizerConfig
 
 NO_CLASS = -1  # class label meaning "unconditional" (dropped for guidance, or an unconditional model)
 
@@ -102,3 +112,71 @@ class Condition:
     def repeat(self, times: int) -> Condition:
         """Repeats the whole batch `times` times along the first dimension."""
         return Condition.cat([self] * times)
+
+
+@dataclass
+class Batch:
+    """One (per-rank) batch: images in [-1, 1] at the stage's resolution, their condition, maybe latents."""
+
+    image: Tensor  # (B, C, H, W), H = W = StageInputs.resolution
+    condition: Condition = field(default_factory=Condition)
+    latent: Tensor | None = None  # (B, C, r, r) DDIM-inversion latent at the base resolution r
+
+    def to(self, device: torch.device | str) -> Batch:
+        latent = None if self.latent is None else self.latent.to(device)
+        return Batch(self.image.to(device), self.condition.to(device), latent)
+
+    def __len__(self) -> int:
+        return self.image.shape[0]
+
+
+@dataclass(frozen=True)
+class StageInputs:
+    """What a stage consumes: images at `resolution`, from image shards or from latent-pair shards."""
+
+    resolution: int
+    needs_latents: bool
+
+
+class StepDriver(Protocol):
+    """The optimisation side of a step, for networks named as in `Stage.trainable()`."""
+
+    def module(self, name: str) -> nn.Module:
+        """The network to call in the forward pass (a plain module or its DeepSpeed engine)."""
+
+    def backward(self, name: str, loss: Tensor) -> None:
+        """Backpropagates `loss` into network `name` (loss already scaled for accumulation by the driver)."""
+
+    def step(self, name: str) -> None:
+        """Clips, steps and zeroes the gradients of network `name` (at accumulation boundaries)."""
+
+
+class Stage(Protocol):
+    """What the runtime trains: a PaGoDA stage (teacher, distil or one growth step), or any other.
+
+    Optional: `export_metadata() -> dict`, JSON-able facts that a loader of the exported network needs beyond its
+    architecture (how to sample it, what it is conditioned on); the runtime stores them in each export.
+    """
+
+    name: str
+    inputs: StageInputs
+
+    def trainable(self) -> dict[str, nn.Module]:
+        """Networks with an optimizer, by name; the first one is the network whose EMA is kept and sampled."""
+
+    def optimizers(self) -> dict[str, OptimizerConfig]:
+        """The optimizer settings of each trainable network, by the same names."""
+
+    def train_step(self, batch: Batch, driver: StepDriver, nimg: int) -> dict[str, float]:
+        """One optimisation step on `batch` after `nimg` images were seen; returns scalar losses and metrics."""
+
+    @torch.no_grad()
+    def sample(self, net: nn.Module, noise: Tensor, condition: Condition) -> Tensor:
+        """Images in [-1, 1] from `net` (the EMA copy of the first trainable network) and base-resolution noise."""
+
+    def grid_inputs(self, n: int, seed: int, first_batch: Callable[[int], Batch]) -> tuple[Tensor, Condition]:
+        """Fixed noise (drawn from `seed`) and conditions for sample grids of `n` images, as `sample` takes them;
+        `first_batch(n)` reads the first n samples of the stage's data, for conditions that only the data has."""
+
+    def architecture(self) -> dict:
+        """Plain-data description of the networks (stored in checkpoints; a mismatched load names the difference)."""

@@ -1,0 +1,66 @@
+"""Is the held-out split big enough for the evaluation the config asks for? Checked before anything trains.
+
+Evaluation reads `eval.num_images` held-out images as the real set (SWD and FID-EffNetLite0 compare equally sized
+sets, and standard FID's real side too unless `eval.reference_stats` names a file) plus `eval.floor_images` more for
+the real-vs-real floor. `pagoda run` calls `check_held_out` first: it counts the 'val' split of the latent pairs or
+image shards where they are committed, and otherwise predicts it from the source and `data.val_fraction`, so a
+run that could not be evaluated stops before hours of training rather than after.
+"""
+from __future__ import annotations
+
+from pagoda_dist import storage
+from pagoda_dist.config import Config, ConfigError
+
+BUILTIN_PREFIX = "builtin:"
+
+
+def held_out_needed(cfg: Config) -> int:
+    """Held-out images an evaluation of `cfg` reads: the real set and the floor set."""
+    return cfg.eval.num_images + cfg.eval.floor_count
+
+
+def shortfall(cfg: Config, have: int, where: str) -> str:
+    """The one-line refusal: what the config asks for, what `where` holds, and what to change."""
+    e, need = cfg.eval, held_out_needed(cfg)
+    return (f"eval.num_images={e.num_images} + eval.floor_images={e.floor_count} need {need} held-out images, but "
+            f"{where} {have}: raise data.val_fraction (now {cfg.data.val_fraction:g}) and prepare new shards, or "
+            "lower eval.num_images, or eval.floor_images (0: no real-vs-real floor)")
+
+
+def check_held_out(cfg: Config) -> str:
+    """Raises ConfigError (one line) when the held-out split is too small; returns what was checked."""
+    from pagoda_dist.data.manifest import ManifestError, read_manifest
+
+    need = held_out_needed(cfg)
+    for url in (cfg.pairs_url, cfg.shards_url):  # the pairs are what evaluation reads; the shards become them
+        try:
+            have = read_manifest(url).count("val")
+        except (ManifestError, storage.StorageError):
+            continue
+        if have < need:
+            raise ConfigError(shortfall(cfg, have, f"{url} holds in its 'val' split"))
+        return f"{have} held-out images in {url} cover the {need} evaluation reads"
+    if not cfg.data.source:
+        return "no prepared data and no data.source yet: the held-out split is checked when evaluation starts"
+    have = predicted_val_count(cfg)
+    if have < need:
+        raise ConfigError(shortfall(cfg, have, f"data.source {cfg.data.source} is predicted to give a 'val' split of"))
+    return f"about {have} held-out images predicted from {cfg.data.source} cover the {need} evaluation reads"
+
+
+def predicted_val_count(cfg: Config) -> int:
+    """The size of the 'val' split `pagoda prepare` will make of data.source: exact for the builtins, which split
+    themselves; for other sources, which prepare splits by a hash of each group, the expected count."""
+    from pagoda_dist.data import builtin
+    from pagoda_dist.data.sources import open_source
+
+    d = cfg.data
+    if d.source.startswith(BUILTIN_PREFIX):
+        source = builtin.build(d.source[len(BUILTIN_PREFIX):], resolution=d.resolution, val_fraction=d.val_fraction,
+                               seed=cfg.run.seed, limit=d.limit)
+        items = source.items  # builtins apply data.limit themselves
+    else:
+        source = open_source(d.source, d.source_kind)
+        items = source.items[: d.limit]
+    fixed = sum(item.split == "val" for item in items)
+    return fixed + int(d.val_fraction * sum(item.split is None for item in items))
