@@ -73,9 +73,19 @@ def init_single_process(device: torch.device) -> None:
 
 
 def make_config(args: argparse.Namespace) -> Any:
-    """The run config: issue 7's UNet at the base resolution, one growth octave, ZeRO and precision from args."""
+    """The run config: with --config, that config's networks (e.g. the paper's 296M ADM teacher and its growth to
+    512 px) on one rank at batch --batch; else the 64-channel UNet at --resolution with one growth octave. ZeRO and
+    precision from args."""
     from pagoda_dist.config import load_config
 
+    if args.config:
+        batch = args.batch
+        overrides = {"runtime.num_workers": 1, "runtime.use_gpu": str(args.device == "cuda").lower(),
+                     "runtime.zero_stage": args.zero_stage, "runtime.precision": args.precision,
+                     "teacher.train.grad_accum": 1, "teacher.train.batch_size": batch,
+                     "distill.train.batch_size": batch, "grow.train.batch_size": batch, "grow.batch_sizes": "[]",
+                     "precompute.steps": args.inversion_points, "model.dropout": 0.0}
+        return load_config(args.config, [f"{k}={v}" for k, v in overrides.items()])
     r = args.resolution
     overrides = {
         "model.resolution": r, "model.channels": args.channels, "model.channel_mult": "[1, 2, 2]",
@@ -109,19 +119,23 @@ def export_of(net: torch.nn.Module) -> dict[str, Any]:
     return {"architecture": net.architecture(), "ema": {k: v.detach().clone() for k, v in net.state_dict().items()}}
 
 
-def build_stage(cfg: Any, kind: str) -> tuple[Any, Any]:
-    """The stage object of the chain's first stage of `kind` (teacher, distill, grow) and its `StageSpec`."""
+def build_stage(cfg: Any, kind: str, grow_to: int | None = None) -> tuple[Any, Any]:
+    """The stage object of the chain's first stage of `kind` (teacher, distill, grow), or of the growth stage at
+    `grow_to` px (built through the stages below it, as a run starts each from the one before), and its spec."""
     from pagoda_dist.chain import chain
     from pagoda_dist.models.unet import UNet
     from pagoda_dist.stages import build_distill, build_grow, build_teacher
 
-    spec = next(s for s in chain(cfg) if s.kind == kind)
+    specs = [s for s in chain(cfg) if s.kind == kind and (grow_to is None or s.resolution == grow_to)]
+    if not specs:
+        raise SystemExit(f"gpu_check: the config has no {kind} stage" + (f" at {grow_to}px" if grow_to else ""))
     if kind == "teacher":
-        return build_teacher(cfg), spec
-    distill = build_distill(cfg, export_of(UNet(cfg.model)))  # an untrained teacher: speed does not need weights
-    if kind == "distill":
-        return distill, spec
-    return build_grow(cfg, spec, export_of(distill.generator)), spec
+        return build_teacher(cfg), specs[0]
+    stage = build_distill(cfg, export_of(UNet(cfg.model)))  # an untrained teacher: speed does not need weights
+    for spec in chain(cfg):
+        if spec.kind == "grow" and (spec.resolution <= specs[0].resolution) and kind == "grow":
+            stage = build_grow(cfg, spec, export_of(stage.generator))
+    return stage, specs[0]
 
 
 # ------------------------------------------------------------------------------------------------ measuring
@@ -187,7 +201,7 @@ def run_training_stage(args: argparse.Namespace, device: torch.device) -> list[d
     init_single_process(device)
     torch.manual_seed(0)
     t_build = time.perf_counter()
-    stage, spec = build_stage(cfg, args.stage)
+    stage, spec = build_stage(cfg, args.stage, args.grow_to)
     train, resolution, latents = spec.train, spec.resolution, spec.kind != "teacher"
     driver = DeepSpeedDriver(stage.trainable(), stage.optimizers(), deepspeed_config(train, cfg.runtime, 1))
     build_s = time.perf_counter() - t_build
@@ -202,9 +216,20 @@ def run_training_stage(args: argparse.Namespace, device: torch.device) -> list[d
     flops = counted_flops(step)  # counted untimed (the counting mode slows it down)
     timings = timed(step, device, args.warmup, args.steps)
     trainable = sum(p.numel() for net in stage.trainable().values() for p in net.parameters() if p.requires_grad)
-    return [result_row(args.stage, device, args.precision, train.batch_size, resolution, timings, flops,
+    return [result_row(spec.name, device, args.precision, train.batch_size, resolution, timings, flops,
                        peaks(device, args.precision), zero_stage=args.zero_stage, build_s=build_s,
-                       trainable_params_m=trainable / 1e6, last_losses={k: float(v) for k, v in losses.items()})]
+                       trainable_params_m=trainable / 1e6, last_losses={k: float(v) for k, v in losses.items()},
+                       **memory(cfg, spec, device))]
+
+
+def memory(cfg: Any, spec: Any, device: torch.device) -> dict[str, float]:
+    """The peak GPU memory the steps allocated beside the dry run's estimate for the same stage and batch (the
+    estimate's margin for the CUDA context excluded: the allocator does not see it)."""
+    from pagoda_dist.memory import CUDA_MARGIN, GIB, stage_memory
+
+    estimate = (stage_memory(cfg, spec).total - CUDA_MARGIN) / GIB
+    measured = torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None
+    return {"estimated_gib": estimate, "measured_peak_gib": measured}
 
 
 def run_precompute(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
@@ -274,6 +299,10 @@ def print_rows(rows: list[dict[str, Any]]) -> None:
         mfu = "  ".join(f"MFU({k}) {row[f'mfu_{k}'] * 100:.1f}%" for k in ("datasheet", "measured")
                         if row.get(f"mfu_{k}") is not None)
         extra = f"  evals/img {row['network_evals_per_image']}" if "network_evals_per_image" in row else ""
+        if row.get("estimated_gib") is not None:
+            measured = row.get("measured_peak_gib")
+            extra += f"  memory {measured:.1f} GiB (estimated {row['estimated_gib']:.1f})" if measured is not None \
+                else f"  memory estimated {row['estimated_gib']:.1f} GiB"
         print(f"[{row['part']}] {row['device']} {row['precision']} {row['resolution']}px batch {row['batch']}: "
               f"{row['img_per_s']:.1f} img/s  {row['sec_per_step'] * 1e3:.1f} ms/step "
               f"({row['cpu_sec_per_step'] * 1e3:.0f} ms host CPU)  "
@@ -293,6 +322,9 @@ def main() -> int:
     parser.add_argument("--channels-last", type=lambda v: v.lower() in ("1", "true", "yes"), default=None,
                         help="model.channels_last true/false (default: the config's choice for the device)")
     parser.add_argument("--zero-stage", type=int, default=2)
+    parser.add_argument("--config", default=None,
+                        help="measure this config's networks (e.g. configs/imagenet-512.yaml: the 296M ADM teacher)")
+    parser.add_argument("--grow-to", type=int, default=None, help="with stage grow: the growth stage at this px")
     parser.add_argument("--inversion-points", type=int, default=40, help="Karras points of the inversion grid")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps after the first and the counted one")
     parser.add_argument("--steps", type=int, default=5, help="timed steps")

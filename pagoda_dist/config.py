@@ -433,8 +433,9 @@ class EvalConfig:
     workers: int = knob(0, "Ray actors that generate and score slices of every set in parallel, each with "
                            "runtime.cpus_per_worker CPUs and, with runtime.use_gpu, a GPU (0: all in the driver)")
     images_per_task: int = knob(1000, "images in one slice (one task): it is generated, read and scored where it "
-                                      "runs, and only its features come back. The metrics do not depend on "
-                                      "eval.workers; other slice sizes change them by float rounding at most")
+                                      "runs, and only its features come back. Any number of workers gives the same "
+                                      "metrics (those of eval.workers 0 up to float rounding in the Frechet "
+                                      "distances); another slice size changes them by float rounding at most")
     reference_stats: str | None = knob(None, "URL of FID reference statistics (.npz with Inception pool3 'mu' and "
                                              "'sigma', e.g. guided-diffusion's VIRTUAL_imagenet512.npz) used instead "
                                              "of held-out images at the final resolution; '{resolution}' in it "
@@ -447,8 +448,8 @@ class EvalConfig:
     clip_weights: str | None = knob(None, "open_clip weights for CLIP score, a local path or URL (text-to-image; "
                                           "none: no score)")
     clip_random_init: bool = knob(False, "score with a randomly initialised CLIP (tests only: the score is noise)")
-    weights_cache: str = knob("./work/cache/weights", "local folder where weights and reference statistics given "
-                                                      "as object-store URLs are copied once (on each machine)")
+    weights_cache: str = knob("./work/cache/weights", "local folder where network weights given as object-store "
+                                                      "URLs are copied once (on each machine)")
 
     def __post_init__(self) -> None:
         require(self.num_images >= 16, "num_images", "must be >= 16")

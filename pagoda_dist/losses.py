@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pagoda_dist.models.blocks import antialiased_resize
+
 Distance = Callable[[Tensor, Tensor], Tensor]
 """distance(x, target) -> scalar loss, averaged over the batch."""
 
@@ -63,7 +65,7 @@ class FeatureDistance:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         if self.input_size is not None and x.shape[-1] != self.input_size:
-            x = F.interpolate(x, size=self.input_size, mode="bilinear", align_corners=False, antialias=True)
+            x = antialiased_resize(x, self.input_size)
         return x
 
     def __call__(self, x: Tensor, target: Tensor) -> Tensor:

@@ -135,6 +135,9 @@ def _shrink(cfg: Config, put: Any, gpus: int) -> None:
         put("data.val_fraction", max(cfg.data.val_fraction, 3 * EVAL_IMAGES / SOURCE_IMAGES))
     put("data.shuffle_buffer", min(cfg.data.shuffle_buffer, 64))
     put("eval.num_images", EVAL_IMAGES)
+    if cfg.eval.workers:  # evaluation spread over Ray actors: as many as the training workers, several slices
+        put("eval.workers", min(cfg.eval.workers, workers))
+        put("eval.images_per_task", EVAL_IMAGES // 2)
 
 
 def describe_changes(changes: list[Change]) -> str:

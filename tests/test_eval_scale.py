@@ -85,6 +85,10 @@ def run(tmp_path_factory: pytest.TempPathFactory, shards: str) -> Config:
     return cfg
 
 
+def with_eval(cfg: Config, **changes: object) -> Config:
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **changes))
+
+
 def metrics(cfg: Config) -> dict:
     """What evaluate_run wrote, as read back from metrics.json."""
     evaluate_run(cfg)
@@ -107,15 +111,16 @@ def test_noise_of_an_image_does_not_depend_on_the_slicing(shape: tuple[int, int,
 
 
 
-def test_the_evaluation_keys_are_checked() -> None:
-    for override, key in (("eval.floor_images=8", "eval.floor_images"), ("eval.floor_images=300", "eval.floor_images"),
-                          ("eval.swd_images=300", "eval.swd_images"), ("eval.workers=-1", "eval.workers"),
-                          ("eval.images_per_task=0", "eval.images_per_task"),
-                          ("eval.reference_stats=s3://b/ref.npz", "eval.reference_stats"),
-                          ("eval.reference_stats=s3://b/{res}.npz", "eval.reference_stats")):
-        extra = ["eval.inception_weights=/w.pth"] if "{res}" in override else []
-        with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-            load_config("configs/tiny.yaml", [override, *extra])
+@pytest.mark.parametrize("overrides, key", [
+    (["eval.floor_images=8"], "eval.floor_images"), (["eval.floor_images=300"], "eval.floor_images"),
+    (["eval.swd_images=300"], "eval.swd_images"), (["eval.workers=-1"], "eval.workers"),
+    (["eval.images_per_task=0"], "eval.images_per_task"),
+    (["eval.reference_stats=s3://b/ref.npz"], "eval.reference_stats"),  # without Inception weights
+    (["eval.inception_weights=/w.pth", "eval.reference_stats=s3://b/{res}.npz"], "eval.reference_stats"),
+])
+def test_the_evaluation_keys_are_checked(overrides: list[str], key: str) -> None:
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config("configs/tiny.yaml", overrides)
 
 
 # ---------------------------------------------------------------------------------- the held-out preflight
@@ -220,18 +225,13 @@ def test_reference_statistics_apply_at_the_final_resolution_unless_templated(run
     from pagoda_dist.eval.slices import make_plan
 
     def urls(value: str) -> dict[int, str]:
-        e = dataclasses.replace(run.eval, inception_weights="/w.pth", reference_stats=value)
-        return make_plan(dataclasses.replace(run, eval=e)).reference_urls
+        return make_plan(with_eval(run, inception_weights="/w.pth", reference_stats=value)).reference_urls
 
     assert urls("s3://b/ref.npz") == {32: "s3://b/ref.npz"}
     assert urls("s3://b/ref{resolution}.npz") == {16: "s3://b/ref16.npz", 32: "s3://b/ref32.npz"}
 
 
 # ------------------------------------------------------------------------------------- slices vs whole sets
-def with_eval(cfg: Config, **changes: object) -> Config:
-    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, **changes))
-
-
 def direct_evaluation(cfg: Config) -> tuple[dict, dict[str, torch.Tensor]]:
     """The metrics computed the direct way, on whole sets in memory (one torch.randn for all the noise, the public
     `swd` and `fid_effnet_lite0` on each pair of sets, the SWD sets capped at eval.swd_images, the floor set
@@ -284,6 +284,7 @@ def grid_bytes(cfg: Config) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_slices_give_the_numbers_of_the_whole_sets(run: Config) -> None:
     """24 images in slices of 10: the floor set (16) ends inside the second slice, the SWD sets (22) inside the
     third, the 5 x 5 sample grids span two slices. Every number equals the direct computation on whole sets to the
@@ -336,6 +337,7 @@ def test_ray_workers_give_the_numbers_of_one_process(run: Config) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)
 def test_fid_against_reference_statistics_from_s3(s3_env: str, tmp_path: Path, shards: str,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Standard FID against guided-diffusion-style reference statistics, with every file read through s3://: the

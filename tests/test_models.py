@@ -373,3 +373,36 @@ def test_projected_discriminator_on_frozen_backbone() -> None:
     opt.step()
     assert x.grad.abs().sum() > 0  # the generator gets gradients through the frozen backbone
     assert all(torch.equal(frozen[n], p) for n, p in disc.backbone.state_dict().items())
+
+
+def test_projected_discriminator_runs_with_bf16_weights_and_fp32_statistics() -> None:
+    """DeepSpeed's bf16 mode casts the parameters, the frozen backbone's included, but not its batch-norm running
+    statistics: the projected discriminator must still run (a bf16 paper config stopped there), on the CPU too."""
+    cfg = DiscriminatorConfig(channels=8, num_scales=2, backbone="efficientnet_lite0")
+    disc = Discriminator(cfg, 32, num_classes=NUM_CLASSES, backbone_input_size=64)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    reference = disc(x, make_condition("class", 2))
+    for p in disc.parameters():  # what DeepSpeed's bf16 engine does to a module's parameters
+        p.data = p.data.to(torch.bfloat16)
+    assert {b.dtype for b in disc.backbone.buffers() if b.is_floating_point()} == {torch.float32}
+    x16 = x.to(torch.bfloat16).requires_grad_(True)
+    logits = disc(x16, make_condition("class", 2))
+    sum(t.float().mean() for t in logits).backward()
+    assert x16.grad.abs().sum() > 0
+    for a, b in zip(logits, reference):
+        torch.testing.assert_close(a.float(), b, rtol=0.1, atol=0.1)
+
+
+def test_feature_distance_runs_on_a_bf16_backbone_with_fp32_images() -> None:
+    """rec_loss=feature calls the discriminator's frozen backbone outside the bf16 engine, with fp32 images."""
+    from pagoda_dist.losses import reconstruction_distance
+
+    cfg = DiscriminatorConfig(channels=8, num_scales=2, backbone="efficientnet_lite0")
+    disc = Discriminator(cfg, 32, num_classes=NUM_CLASSES, backbone_input_size=64)
+    for p in disc.parameters():
+        p.data = p.data.to(torch.bfloat16)
+    distance = reconstruction_distance("feature", disc.backbone.forward_features, 64)
+    x = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)
+    loss = distance(x, torch.rand(2, 3, 32, 32) * 2 - 1)
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss) and x.grad.abs().sum() > 0

@@ -10,6 +10,7 @@ KubeRay a small head pod) receives only metric values and the sample-grid images
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -21,6 +22,7 @@ from pagoda_dist.eval.slices import Key, Plan, SliceScorer
 from pagoda_dist.runtime.ray_session import WorkerEnv, worker_env
 
 POLL_S = 1.0
+START_TIMEOUT_S = 1800.0  # an autoscaling cluster may take minutes to bring up a GPU node; longer means it never will
 RESTARTS = 2  # an actor that dies (a lost node, an OOM kill) is restarted and its slice retried this many times
 
 
@@ -60,6 +62,7 @@ class RayPool:
         todo = deque(range(len(plan.slices)))
         running: dict[Any, tuple[Any, int]] = {}  # first output of a slice -> (actor, slice)
         outputs: dict[int, list[Any]] = {}
+        last_work = time.monotonic()
         try:
             while todo or running:
                 while idle and todo:
@@ -67,6 +70,14 @@ class RayPool:
                     refs = a.score.options(num_returns=len(keys)).remote(index)
                     outputs[index] = refs
                     running[refs[0]] = (a, index)
+                if running:
+                    last_work = time.monotonic()
+                elif time.monotonic() - last_work > START_TIMEOUT_S:
+                    raise RuntimeError(
+                        f"no evaluation worker started in {START_TIMEOUT_S:.0f} s: the cluster cannot place an actor "
+                        f"with runtime.cpus_per_worker={rt.cpus_per_worker} CPUs"
+                        + (" and a GPU (runtime.use_gpu)" if rt.use_gpu else "")
+                        + "; add nodes, lower runtime.cpus_per_worker, or set eval.workers=0")
                 # Only the first output (the seconds, a few bytes) is ever fetched here: the features stay where
                 # they were made until a reduction needs them.
                 done, _ = ray.wait([*running, *starting], num_returns=1, timeout=POLL_S, fetch_local=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import BinaryIO, Callable, Iterator
 
 import numpy as np
 import torch
@@ -44,24 +44,27 @@ class FeatureStats:
         np.savez(path, mu=self.mu, cov=self.cov, count=self.count)
 
     @classmethod
-    def load(cls, path: str | Path) -> FeatureStats:
+    def load(cls, path: str | Path | BinaryIO, name: str | None = None) -> FeatureStats:
         """Statistics written by `save`, or a reference batch in guided-diffusion's evaluator format (`mu` and
-        `sigma` of Inception pool3 features; its images, `arr_0`, are never read). count 0: not recorded."""
-        if not Path(path).is_file():
+        `sigma` of Inception pool3 features). `path` may be a seekable file object (e.g. an object in S3, `name`
+        its URL for messages): only the two arrays are read, never the batch's images (`arr_0`, gigabytes at 512
+        px). count 0: not recorded."""
+        name = name or str(path)
+        if isinstance(path, (str, Path)) and not Path(path).is_file():
             raise FileNotFoundError(f"feature statistics file {path} does not exist")
         try:
             data = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as err:
-            raise ValueError(f"{path}: not a .npz file of feature statistics ({err})") from None
+            raise ValueError(f"{name}: not a .npz file of feature statistics ({err})") from None
         with data:
             cov_key = "cov" if "cov" in data.files else "sigma"
             if "mu" not in data.files or cov_key not in data.files:
-                raise ValueError(f"{path} holds {sorted(data.files)}; feature statistics need 'mu' and 'sigma' "
+                raise ValueError(f"{name} holds {sorted(data.files)}; feature statistics need 'mu' and 'sigma' "
                                  "(guided-diffusion's reference batches) or 'mu' and 'cov'")
             mu, cov = np.asarray(data["mu"], np.float64), np.asarray(data[cov_key], np.float64)
             count = int(data["count"]) if "count" in data.files else 0
         if mu.ndim != 1 or cov.shape != (len(mu), len(mu)):
-            raise ValueError(f"{path}: 'mu' {mu.shape} and '{cov_key}' {cov.shape} are not a (D,) mean and its "
+            raise ValueError(f"{name}: 'mu' {mu.shape} and '{cov_key}' {cov.shape} are not a (D,) mean and its "
                              "(D, D) covariance")
         return cls(mu=mu, cov=cov, count=count)
 

@@ -7,8 +7,10 @@ own noise, generates every stage's samples for it and reduces each set to `SetFe
 process. `assemble` turns the slices' features, taken in slice order, into the rows of metrics.json.
 
 What a slice computes depends on its bounds alone (never on which process scores it, or how many do), so the metrics
-are the same for any number of workers. With one slice (eval.num_images <= eval.images_per_task) every network runs
-on exactly the batches the earlier single-process evaluation used.
+are the same for any number of workers. The reductions are the same code in this process and in Ray's one-CPU
+tasks; only the Frechet distances can differ between the two, by float rounding, as BLAS sums covariance products
+and LAPACK finds eigenvalues differently on another number of threads. With one slice (eval.num_images <=
+eval.images_per_task) every network runs on exactly the batches the earlier single-process evaluation used.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from pagoda_dist import storage
 from pagoda_dist.chain import StageKind, chain
 from pagoda_dist.config import Config
 from pagoda_dist.data.tensors import downsample
@@ -27,7 +30,6 @@ from pagoda_dist.eval.fid import FeatureStats
 from pagoda_dist.eval.inputs import bicubic, feature_nets, generate, load_export_network, read_held_out
 from pagoda_dist.eval.metrics import compare, reference
 from pagoda_dist.eval.swd import PatchSampling, descriptors
-from pagoda_dist.eval.weights import local_file
 from pagoda_dist.runtime import CheckpointStore
 
 SKIP_CHUNK = 1 << 24  # uniform draws per step when the noise generator skips ahead (64 MB of scratch)
@@ -102,7 +104,7 @@ def noise_states(seed: int, per_image: int, starts: list[int]) -> list[Tensor]:
     if per_image % 16:
         raise ValueError(f"noise of {per_image} values per image: skipping ahead needs a multiple of 16")
     g = torch.Generator().manual_seed(seed)
-    scratch = torch.empty(SKIP_CHUNK)
+    scratch = torch.empty(min(SKIP_CHUNK, max(starts, default=0) * per_image))
     states, at = [], 0
     for start in starts:
         skip = (start - at) * per_image
@@ -186,7 +188,7 @@ class Executor(Protocol):
         """Every slice's outputs, per key, in slice order (values, or handles that `get` resolves)."""
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        """fn(*args, **kwargs), where the features are (handles among `args` resolved)."""
+        """Runs fn(*args, **kwargs) where the features are (handles among `args` resolved first); its handle."""
 
     def get(self, handles: dict[Any, Any]) -> dict[Any, Any]:
         """The values of a dict of handles."""
@@ -211,9 +213,13 @@ class InProcess:
         return handles
 
 
-def reference_stats(url: str, cache_dir: str) -> FeatureStats:
-    """FID reference statistics from a file at any storage URL."""
-    return FeatureStats.load(local_file(url, cache_dir, "eval.reference_stats"))
+def reference_stats(url: str) -> FeatureStats:
+    """FID reference statistics from a .npz at any storage URL (read in place: only its two arrays travel)."""
+    if not storage.exists(url):
+        raise FileNotFoundError(f"eval.reference_stats: {url} does not exist; upload the statistics there or fix "
+                                "the URL")
+    with storage.open_url(url) as f:
+        return FeatureStats.load(f, name=url)
 
 
 def assemble(plan: Plan, parts: dict[Key, list[Any]], ex: Executor) -> dict[str, Any]:
@@ -225,7 +231,7 @@ def assemble(plan: Plan, parts: dict[Key, list[Any]], ex: Executor) -> dict[str,
     references: dict[int, Any] = {}  # per resolution, the real set's reference, computed once
     for res in plan.resolutions:
         url = plan.reference_urls.get(res)
-        file_stats = None if url is None else reference_stats(url, e.weights_cache)
+        file_stats = None if url is None else reference_stats(url)
         references[res] = ex.call(reference, *parts[("real", res)], inception=file_stats)
         if e.floor_count:
             floor = ex.call(reference, *parts[("floor", res)][:floor_slices], inception=file_stats)

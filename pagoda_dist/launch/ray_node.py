@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         include_log_monitor=bool(args.head),
         raylet_socket_name=os.path.join(sockets, "raylet"),
         plasma_store_socket_name=os.path.join(sockets, "plasma_store"),
+        # Per node too: a job's working_dir is unpacked into this folder by every node that runs its tasks, and a
+        # node that has not unpacked it yet deletes and rewrites it, under the feet of a driver running from it.
+        runtime_env_dir_name=os.path.join("runtime_resources", str(os.getpid())),
     )
     ensure_token_if_auth_enabled(None, create_token_if_missing=False)
     # shutdown_at_exit: SIGTERM (or our exit) stops every process of this node; spawn_reaper: the kernel kills

