@@ -3,7 +3,6 @@ untrained tiny teacher (plumbing, not quality): class and caption data, S3 outpu
 do no work, a failed shard that is reported, and bit-identical latents across runs."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from pathlib import Path
@@ -23,7 +22,6 @@ from pagoda_dist.precompute import PrecomputeError, PrecomputeFailed, run_precom
 from pagoda_dist.precompute import run as run_module
 from pagoda_dist.precompute.teacher import commit_teacher
 
-REPO = Path(__file__).resolve().parents[1]
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 pytestmark = pytest.mark.timeout(240)  # safety net; the Ray tests set their own
 needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="apt-get install dataset-fashion-mnist")
@@ -68,28 +66,6 @@ def pair_arrays(pairs_url: str) -> dict[str, dict[str, np.ndarray]]:
             for s in iter_shard(storage.join(pairs_url, info.name)):
                 out[f"{info.name}/{s.key}"] = s.arrays
     return out
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for the module (2 logical CPUs; actors take 0.5 each)."""
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        yield ray
-        return
-    # Ray's workers import pagoda_dist from the checkout, as the test process does.
-    old = os.environ.get("PYTHONPATH")
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), old) if p)
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, logging_level="WARNING",
-             log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
 
 
 @pytest.fixture

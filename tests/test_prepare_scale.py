@@ -3,7 +3,6 @@ bytes whoever builds them. Real photos, the embedded S3 server (tests/conftest_s
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,6 @@ from pagoda_dist.data.sources import SourceError, open_source
 
 pytestmark = pytest.mark.timeout(300)
 
-REPO = Path(__file__).resolve().parents[1]
 PHOTOS = ("astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg")
 PER_CLASS = 20
 TRUNCATED = "n00000001/n00000001_3.JPEG"
@@ -55,27 +53,6 @@ def s3_source(imagenet_like: Path, s3_env: str) -> str:
     url = storage.join(s3_env, "imagenet", "train")
     storage.upload_dir(imagenet_like, url)
     return url
-
-
-@pytest.fixture(scope="module")
-def local_ray() -> object:
-    """One local Ray for the module: 2 logical CPUs, so 2 shard tasks run at once."""
-    ray = pytest.importorskip("ray")
-    if ray.is_initialized():
-        yield ray
-        return
-    old = os.environ.get("PYTHONPATH")  # Ray's workers import pagoda_dist from this checkout, as the tests do
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), old) if p)
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20, logging_level="WARNING",
-             log_to_driver=False)
-    try:
-        yield ray
-    finally:
-        ray.shutdown()
-        if old is None:
-            os.environ.pop("PYTHONPATH", None)
-        else:
-            os.environ["PYTHONPATH"] = old
 
 
 def ray_runner(env: object | None = None) -> object:
