@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from benchmarks.common import embedded_s3
+
 
 def cpu_seconds(server_pid: int | None) -> float:
     """CPU time of this process, its reaped children (DataLoader workers) and the S3 server so far."""
@@ -79,12 +81,9 @@ def main() -> None:
         report = prepare("builtin:photo-tiles", local, resolution=64, shard_size=500, workers=2,
                          limit=args.limit, progress=False)
         print(f"dataset: {report.counts['train']} train tiles at 64 px (PNG) in {len(report.shards['train'])} shards")
-        server = storage.LocalS3Server(Path(tmp) / "s3", port=storage.free_port_block(), startup_timeout_s=60)
-        server.start()
+        server, bucket = embedded_s3(Path(tmp) / "s3")
         try:
-            os.environ.update(server.env())
-            storage.configure(endpoint_url=server.endpoint, region=server.region)
-            remote = storage.join(server.ensure_bucket("bench"), "tiles-64")
+            remote = storage.join(bucket, "tiles-64")
             storage.upload_dir(local, remote)
             print(f"S3: {server.endpoint}; batch {args.batch}, {args.workers} DataLoader workers, shuffle window "
                   f"{args.window}, {args.epochs} epoch(s) per measurement, best of {args.repeats}\n")

@@ -29,6 +29,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from benchmarks.common import embedded_s3
+
 
 def write_class_folders(dataset: str, tile: int, limit: int | None, root: Path) -> int:
     """The builtin dataset as JPEG files in class folders below `root`; returns the number of images."""
@@ -73,12 +75,8 @@ def main() -> None:
                     val_fraction=0.01, progress=False)
     with tempfile.TemporaryDirectory(prefix="pagoda-bench-") as tmp:
         n = write_class_folders(args.dataset, args.tile, args.limit, Path(tmp) / "train")
-        server = storage.LocalS3Server(Path(tmp) / "s3", port=storage.free_port_block(), startup_timeout_s=60)
-        server.start()
+        server, bucket = embedded_s3(Path(tmp) / "s3")
         try:
-            os.environ.update(server.env())
-            storage.configure(endpoint_url=server.endpoint, region=server.region)
-            bucket = server.ensure_bucket("bench")
             src = storage.join(bucket, "imagenet-layout", "train")
             storage.upload_dir(Path(tmp) / "train", src)
             folders = len({rel.split("/")[0] for rel in storage.list_files(src)})

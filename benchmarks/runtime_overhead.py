@@ -52,6 +52,8 @@ from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from benchmarks.common import embedded_s3
+
 
 class Rate(NamedTuple):
     """A bare loop's median images/s and the median cores its process kept busy."""
@@ -206,12 +208,8 @@ def main() -> None:
         images = load_images(local, count=min(1024, report.counts["train"]), split="train", resolution=res)
         device = "cuda" if args.gpu else "cpu"
         images = images.to(device)
-        server = storage.LocalS3Server(Path(tmp) / "s3", port=storage.free_port_block(), startup_timeout_s=60)
-        server.start()
+        server, bucket = embedded_s3(Path(tmp) / "s3")
         try:
-            os.environ.update(server.env())
-            storage.configure(endpoint_url=server.endpoint, region=server.region)
-            bucket = server.ensure_bucket("bench")
             shards = storage.join(bucket, "tiles")
             storage.upload_dir(local, shards)
             params = sum(p.numel() for p in UNet(base.model).parameters())

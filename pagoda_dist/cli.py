@@ -6,7 +6,8 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-from pagoda_dist.config import Config, ConfigError, describe_keys, load_config, load_prepare_settings, to_yaml
+from pagoda_dist.config import (Config, ConfigError, RuntimeConfig, describe_keys, load_config, load_prepare_settings,
+                                to_yaml)
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -44,6 +45,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from pagoda_dist.data.sources import SourceError
     from pagoda_dist.pipeline import (local_ray, local_storage, prepare_data, prepare_from_config, s3_buckets,
                                       storage_session)
+    from pagoda_dist.runtime import preemption
     from pagoda_dist.storage import StorageError
 
     try:
@@ -51,10 +53,11 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             cfg = load_config(args.config, args.overrides)
             with local_storage(cfg):
                 if cfg.runtime.ray_address:  # a cluster: one Ray task per shard, spread over its nodes
-                    with local_ray(cfg):
+                    with local_ray(cfg), preemption.stopping_on_sigterm(cfg.runtime.sigterm_grace_s):
                         prepare_from_config(cfg, src=args.src, out=args.out, on_ray=True)
                 else:
-                    prepare_from_config(cfg, src=args.src, out=args.out)
+                    with preemption.stopping_on_sigterm(cfg.runtime.sigterm_grace_s):
+                        prepare_from_config(cfg, src=args.src, out=args.out)
             return 0
         if not args.overrides or "=" in args.overrides[0] or args.src or args.out:
             raise ConfigError(f"pagoda prepare {args.config}: expected `pagoda prepare SRC OUT [data.KEY=VALUE ...]` "
@@ -62,7 +65,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         src, out = args.config, args.overrides[0]
         data, store = load_prepare_settings(args.overrides[1:])
         # SRC's bucket too: with the embedded server, an s3:// SRC is read from it even when OUT is local.
-        with storage_session(store, s3_buckets(src, out)):
+        with storage_session(store, s3_buckets(src, out)), \
+                preemption.stopping_on_sigterm(RuntimeConfig().sigterm_grace_s):  # no run config: the default
             prepare_data(data, src, out)
     except (SourceError, PrepareError, StorageError) as err:  # bad input, not a bug: one line, no traceback
         print(f"pagoda prepare: {err}", file=sys.stderr)
@@ -71,7 +75,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pagoda_dist.pipeline import Preempted, run_pipeline
+    from pagoda_dist.pipeline import run_pipeline
 
     if args.rehearse:
         from pagoda_dist.rehearsal import describe_changes, rehearsal_config
@@ -85,11 +89,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         print(describe(cfg, args.config))
         return 0
+    from pagoda_dist.pipeline import Diverged
+    from pagoda_dist.runtime.checkpoint import CheckpointDamaged
+    from pagoda_dist.storage.lease import LeaseHeld
+
     try:
-        records = run_pipeline(cfg, only=args.only)
-    except Preempted as err:
+        records = run_pipeline(cfg, only=args.only, from_scratch=args.from_scratch)  # SIGTERM: `main` exits 143
+    except (CheckpointDamaged, Diverged, LeaseHeld) as err:  # the run is as it was: one line says what to do
         print(f"pagoda: {err}", file=sys.stderr)
-        return 143
+        return 1
     print(f"[pagoda] run {cfg.run.name} complete: {cfg.run_url}")
     for r in records:
         print(f"  {r.name:<12} {r.status:<8} {r.seconds:7.0f} s")
@@ -98,10 +106,20 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_precompute(args: argparse.Namespace) -> int:
     from pagoda_dist.pipeline import local_services, precompute_step
+    from pagoda_dist.precompute import PrecomputeError, PrecomputeFailed
+    from pagoda_dist.runtime import preemption
 
     cfg = _load(args)
-    with local_services(cfg):
-        precompute_step(cfg)
+    try:
+        # The stop handler after local_services: ray.init installs its own.
+        with local_services(cfg), preemption.stopping_on_sigterm(cfg.runtime.sigterm_grace_s):
+            precompute_step(cfg)
+    except PrecomputeError as err:  # bad input, found before any work: one line, no traceback
+        print(f"pagoda precompute: {err}", file=sys.stderr)
+        return 2
+    except PrecomputeFailed as err:  # the shards that failed, and why; a re-run redoes only those
+        print(f"pagoda {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -124,10 +142,15 @@ def _run_config(args: argparse.Namespace) -> Config:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pagoda_dist.eval.evaluate import evaluate_run
     from pagoda_dist.pipeline import local_storage
+    from pagoda_dist.runtime.checkpoint import NoExport
 
     cfg = _run_config(args)
-    with local_storage(cfg):
-        evaluate_run(cfg)
+    try:
+        with local_storage(cfg):
+            evaluate_run(cfg)
+    except NoExport as err:  # a stage not trained yet: one line, no traceback
+        print(f"pagoda evaluate: {err}", file=sys.stderr)
+        return 2
     print(f"[pagoda] metrics in {cfg.run_url}/eval/metrics.json")
     return 0
 
@@ -211,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run only this step (prepare, teacher, precompute, distill, grow-RES, evaluate); repeatable")
     p.add_argument("--dry-run", action="store_true",
                    help="validate and lay out every step (batches, steps, parameters, FLOPs); start nothing")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="a stage whose committed checkpoints all fail to load starts again from zero instead of "
+                        "refusing (the damaged ones stay under RUN/STAGE/damaged/)")
     p.add_argument("--rehearse", action="store_true",
                    help="run the config at toy size under NAME-rehearsal, every structural path kept (stages, "
                         "resolutions, conditioning, losses, ZeRO, precision, storage); lists what it shrank")
@@ -258,6 +284,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"pagoda: config error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        # A step that stopped on SIGTERM with its work committed (runtime.preemption.Stopped; looked up only when
+        # that module is loaded, as it must be to have raised, so that light commands do not import the runtime).
+        preemption = sys.modules.get("pagoda_dist.runtime.preemption")
+        if preemption is None or not isinstance(err, preemption.Stopped):
+            raise
+        print(f"pagoda: {err}", file=sys.stderr)
+        return preemption.EXIT_CODE
 
 
 if __name__ == "__main__":

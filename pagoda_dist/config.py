@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -68,6 +69,10 @@ class StorageConfig:
         180.0, "seconds a storage operation that fails transiently (connection refused, 5xx, throttling, timeouts) "
                "is retried, with capped exponential backoff and jitter, before the attempt fails; the default rides "
                "out a 2-minute object-store outage. Permanent errors (access denied, no such bucket) fail at once")
+    lease_ttl_s: float = knob(
+        120.0, "seconds a run's lease (ROOT/runs/NAME/LEASE: host and pid of the `pagoda run` that owns the run) "
+               "lasts unless renewed; its driver renews it every third of that, and a second driver is refused "
+               "until it expires (at once when its owner process on this host is gone). 0: no lease")
 
     def __post_init__(self) -> None:
         if self.endpoint_url is not None:
@@ -76,14 +81,19 @@ class StorageConfig:
         require(1024 <= self.embedded_s3_port <= 65535, "embedded_s3_port", "must be in [1024, 65535]")
         require(isinstance(self.retry_budget_s, (int, float)) and 0 <= self.retry_budget_s <= 86400,
                 "retry_budget_s", f"must be a number of seconds in [0, 86400], got {self.retry_budget_s!r}")
+        require(isinstance(self.lease_ttl_s, (int, float)) and (self.lease_ttl_s == 0 or
+                                                                10 <= self.lease_ttl_s <= 86400),
+                "lease_ttl_s", f"must be 0 (no lease) or seconds in [10, 86400], got {self.lease_ttl_s!r}")
 
 
 @dataclass
 class DataConfig:
     source: str | None = knob(None, "raw input: an image folder, class folders, captioned images, "
                                     "or builtin:fashion-mnist / builtin:photo-tiles (None: shards exist already)")
-    source_kind: Literal["auto", "folder", "classes", "captions"] = knob(
-        "auto", "layout of `source`: plain images, one subfolder per class, or images with .txt/JSONL captions")
+    source_kind: Literal["auto", "folder", "classes", "captions", "webdataset"] = knob(
+        "auto", "layout of `source`: plain images, one subfolder per class, or images with .txt/JSONL captions; "
+                "webdataset: existing .tar shards in img2dataset's layout (a folder/prefix or a brace pattern such "
+                "as s3://b/d/{00000..00099}.tar), indexed in place into `shards` and never re-sharded")
     shards: str = knob("", "URL of the prepared WebDataset shards (default: ROOT/data/NAME-RES)")
     resolution: int = knob(32, "full resolution stored in the shards (the final generator's resolution)")
     channels: Literal[1, 3] = knob(3, "image channels stored (grey images are replicated to 3 when 3)")
@@ -183,10 +193,23 @@ class SamplerConfig:
     steps: int = knob(18, "number of noise levels on the Karras grid")
     guidance: float = knob(1.0, "classifier-free guidance scale (1: none)")
     clamp: bool = knob(True, "clamp the denoiser output to [-1, 1]")
+    churn: float = knob(0.0, "EDM's stochastic sampler, S_churn: noise re-added per step (0: the deterministic "
+                             "PF-ODE; EDM's ImageNet-64 figure: 40 with Heun on 256 points). Evaluation and grids "
+                             "only: a distillation target stays the deterministic sample of its noise")
+    churn_min: float = knob(0.0, "S_tmin: lowest noise level that gets churn (EDM ImageNet-64: 0.05)")
+    churn_max: float | None = knob(None, "S_tmax: highest noise level that gets churn (None: no limit; EDM "
+                                         "ImageNet-64: 50)")
+    churn_noise: float = knob(1.0, "S_noise: scale of the re-added noise (EDM ImageNet-64: 1.003)")
 
     def __post_init__(self) -> None:
         require(self.steps >= 1, "steps", "must be >= 1")
         require(self.guidance >= 0, "guidance", "must be >= 0")
+        require(self.churn >= 0, "churn", f"must be >= 0, got {self.churn}")
+        require(0 <= self.churn_min <= (self.churn_max if self.churn_max is not None else float("inf")),
+                "churn_min", "need 0 <= churn_min <= churn_max")
+        require(self.churn_noise > 0, "churn_noise", f"must be > 0, got {self.churn_noise}")
+        require(self.churn == 0 or self.solver != "ddim", "churn",
+                "the stochastic sampler takes Euler or Heun steps; set solver heun (or churn 0)")
 
 
 @dataclass
@@ -210,6 +233,10 @@ class TrainConfig:
     batch_size: int = knob(64, "global batch size (all ranks, all accumulation steps)")
     total_kimg: float = knob(10.0, "training length in thousands of images")
     grad_accum: int = knob(1, "gradient accumulation steps per optimizer step")
+    micro_batch: int = knob(0, "images per rank per forward pass (0: batch_size / (runtime.num_workers x "
+                               "grad_accum)); when set, the accumulation steps follow from the number of workers, "
+                               "batch_size / (workers x micro_batch), so a run can resume on another number of "
+                               "workers with the same global batch (grad_accum then stays 1)")
     grad_clip: float = knob(1.0, "gradient norm clip (0: off)")
     ema_halflife_kimg: float = knob(5.0, "EMA half-life in thousands of images")
     ema_rampup: float = knob(0.05, "EMA half-life ramp-up as a fraction of images seen (0: off)")
@@ -221,8 +248,15 @@ class TrainConfig:
         require(self.grad_accum >= 1, "grad_accum", "must be >= 1")
         require(self.batch_size % self.grad_accum == 0, "grad_accum",
                 f"batch_size {self.batch_size} is not divisible by grad_accum {self.grad_accum}")
+        require(self.micro_batch >= 0, "micro_batch", "must be >= 0 (0: off)")
+        require(not (self.micro_batch and self.grad_accum != 1), "micro_batch",
+                f"set either micro_batch ({self.micro_batch}) or grad_accum ({self.grad_accum}), not both")
         require(self.grad_clip >= 0, "grad_clip", "must be >= 0")
         require(self.ema_halflife_kimg >= 0 and self.ema_rampup >= 0, "ema_halflife_kimg", "must be >= 0")
+
+    def accumulation(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on `world_size` ranks (grad_accum, or as micro_batch implies)."""
+        return self.batch_size // (world_size * self.micro_batch) if self.micro_batch else self.grad_accum
 
 
 @dataclass
@@ -249,7 +283,22 @@ class AdversarialConfig:
                                   "alone, no discriminator); the fixed weight of a split step's GAN update "
                                   "(grow.split_steps)")
     adaptive_clip: list[float] = knob([0.01, 10.0], "clip range of the adaptive GAN weight")
+    adaptive_weight_at: Literal["output", "last_layer"] = knob(
+        "output", "where the adaptive GAN weight's gradient norms are taken: at the generator's output image, or at "
+                  "the weight of its last layer, the last block's second conv (the reference's formula). They differ "
+                  "by a data-dependent factor (0.7x-3x on small random generators, benchmarks/adaptive_weight.py), "
+                  "so gan_weight means a different strength; both are logged (gan_weight_output, "
+                  "gan_weight_last_layer)")
+    independent_noise: bool = knob(False, "the generator's GAN step draws its own fresh noise (and guidance scales) "
+                                          "instead of reusing the discriminator step's (the reference draws them "
+                                          "independently)")
+    separate_real_stream: bool = knob(False, "the discriminator's real images (and the condition its fakes get) "
+                                             "come from a second, independently ordered stream of the stage's "
+                                             "shards instead of the reconstruction batch (the reference's GAN data "
+                                             "loader); needs independent_noise and gan_weight > 0")
     diffaug: str = knob("color,translation,cutout", "DiffAugment policy (comma-separated; empty: off)")
+    cutout_ratio: float = knob(0.5, "DiffAugment cutout square's side as a fraction of the image side (DiffAugment's "
+                                    "0.5; the reference: 0.2)")
     gan_start_kimg: float = knob(0.0, "images (thousands) of reconstruction only before the GAN term starts")
     distill_loss_weight: float = knob(0.0, "weight of the optional distillation loss on teacher samples")
     guidance_range: list[float] = knob(
@@ -282,6 +331,7 @@ class AdversarialConfig:
         allowed = {"color", "translation", "cutout"}
         unknown = {p for p in self.diffaug.split(",") if p} - allowed
         require(not unknown, "diffaug", f"unknown policies {sorted(unknown)}; choose from {sorted(allowed)}")
+        require(0 < self.cutout_ratio <= 1, "cutout_ratio", f"must be in (0, 1], got {self.cutout_ratio}")
         require(self.distill_loss_weight >= 0, "distill_loss_weight", "must be >= 0")
         if self.guidance_range:
             require(len(self.guidance_range) == 2 and 1 <= self.guidance_range[0] <= self.guidance_range[1],
@@ -290,6 +340,9 @@ class AdversarialConfig:
                     "a guidance-aware generator learns w > 1 from the teacher's guided samples: set "
                     "distill_loss_weight > 0 (reconstruction of inversion latents only teaches w = 1)")
         require(self.clip_loss_weight >= 0, "clip_loss_weight", "must be >= 0")
+        # The generator's GAN term keeps the reconstruction batch's condition: its noise must be a draw of its own.
+        require(not self.separate_real_stream or (self.independent_noise and self.gan_weight > 0),
+                "separate_real_stream", "needs independent_noise: true and gan_weight > 0")
         require(self.rec_loss != "feature" or self.discriminator.backbone != "none", "rec_loss",
                 "'feature' measures distances on the discriminator's frozen backbone; set "
                 "discriminator.backbone=efficientnet_lite0 or use multiscale")
@@ -311,7 +364,10 @@ class TeacherStageConfig:
 @dataclass
 class PrecomputeConfig:
     solver: Literal["euler", "heun"] = knob("heun", "PF-ODE solver for the inversion")
-    steps: int = knob(18, "Karras grid points of the inversion (reference: 40 Heun points, ~78 NFE)")
+    steps: int = knob(18, "Karras grid points of the inversion (reference: 40 Heun points, ~78 NFE). Fewer points "
+                          "shrink the latents: std / sigma_max 0.91 at 12, 0.96 at 18, 0.99 at 40 (Heun, exact "
+                          "denoiser of Gaussian data, benchmarks/inversion_grid.py), an input the GAN half never "
+                          "sees")
     flip: bool = knob(False, "also invert the horizontally flipped image")
     clamp: bool = knob(True, "clamp the denoiser output to [-1, 1] during inversion")
     batch_size: int = knob(64, "images per inversion batch in an actor")
@@ -321,6 +377,9 @@ class PrecomputeConfig:
     gpus_per_actor: float = knob(0.0, "GPUs per actor (fractional allowed)")
     max_retries: int = knob(2, "retries of a failed shard before it is reported")
     psnr_samples: int = knob(16, "images per shard checked by sample(invert(x)) for the PSNR report")
+    min_psnr_db: float = knob(20.0, "a shard whose mean round-trip PSNR (over its psnr_samples images) is NaN or "
+                                    "below this many dB is not committed and the precompute fails, naming it; 0: "
+                                    "only NaN fails (the tiny demo measures ~40 dB; Heun 6 points ~18 dB)")
     clip_model: str = knob("ViT-B-32", "open_clip text tower architecture (captioned data only)")
     clip_weights: str | None = knob(None, "local path to the open_clip weights (captioned data only)")
     clip_random_init: bool = knob(False, "explicitly allow a randomly initialised text tower (tests, demos)")
@@ -332,6 +391,8 @@ class PrecomputeConfig:
         require(1 <= self.min_actors <= self.max_actors, "min_actors", "need 1 <= min_actors <= max_actors")
         require(self.cpus_per_actor > 0 or self.gpus_per_actor > 0, "cpus_per_actor", "an actor needs a CPU or GPU")
         require(self.max_retries >= 0 and self.psnr_samples >= 0, "max_retries", "must be >= 0")
+        require(math.isfinite(self.min_psnr_db) and self.min_psnr_db >= 0, "min_psnr_db",
+                "must be a finite number of dB >= 0 (0: only a NaN PSNR fails a shard)")
 
 
 @dataclass
@@ -392,9 +453,14 @@ class RuntimeConfig:
     precision: Literal["fp32", "bf16"] = knob("fp32", "training precision")
     ray_address: str | None = knob(None, "Ray cluster address (None: start a local Ray)")
     max_failures: int = knob(2, "worker-group restarts Ray Train allows before giving up")
-    sigterm_grace_s: float = knob(60.0, "seconds to save a checkpoint after SIGTERM (preemption)")
+    sigterm_grace_s: float = knob(60.0, "seconds after SIGTERM (preemption) to save a checkpoint, or to "
+                                           "commit the shards in flight (prepare, precompute), before the process "
+                                           "exits with 143")
     gpu_memory_gib: float = knob(0.0, "memory of each worker's GPU; the dry run flags a stage whose estimated peak "
                                       "per rank exceeds it (0: not checked)")
+    max_nonfinite_steps: int = knob(10, "training steps in a row whose loss or gradient is not finite (each skipped "
+                                        "on every rank, nothing committed meanwhile) after which a stage stops, "
+                                        "its last checkpoint intact")
 
     def __post_init__(self) -> None:
         require(self.num_workers >= 1, "num_workers", "must be >= 1")
@@ -402,12 +468,16 @@ class RuntimeConfig:
         require(self.cpus_per_worker > 0, "cpus_per_worker", "must be > 0")
         require(self.zero_stage in (0, 1, 2, 3), "zero_stage", f"must be 0, 1, 2 or 3, got {self.zero_stage}")
         require(self.max_failures >= 0 and self.sigterm_grace_s > 0, "max_failures", "must be >= 0")
+        require(isinstance(self.max_nonfinite_steps, int) and self.max_nonfinite_steps >= 1, "max_nonfinite_steps",
+                f"must be an integer >= 1, got {self.max_nonfinite_steps!r}")
 
 
 @dataclass
 class LoggingConfig:
-    wandb_mode: Literal["offline", "online", "disabled"] = knob("offline", "wandb mode (offline needs no login)")
-    wandb_project: str = knob("pagoda-dist", "wandb project")
+    wandb_mode: Literal["offline", "online", "disabled"] = knob("offline", "wandb mode (offline needs no login; "
+                                                                "disabled: no wandb); a set WANDB_MODE wins over "
+                                                                "offline and online")
+    wandb_project: str = knob("pagoda-dist", "wandb project (a set WANDB_PROJECT wins)")
     log_every_kimg: float = knob(1.0, "progress line and metrics interval, thousands of images")
     sample_every_kimg: float = knob(10.0, "PNG sample grid interval, thousands of images")
     checkpoint_every_kimg: float = knob(10.0, "checkpoint interval, thousands of images")
@@ -517,10 +587,12 @@ class Config:
                 "grow.batch_sizes", f"needs one batch size per grow.resolutions entry {self.grow.resolutions}, "
                 f"got {self.grow.batch_sizes}")
         for spec in chain(self):
-            per_step = self.runtime.num_workers * spec.train.grad_accum
+            unit, name = ((spec.train.micro_batch, "micro_batch") if spec.train.micro_batch
+                          else (spec.train.grad_accum, "grad_accum"))
+            per_step = self.runtime.num_workers * unit
             require(spec.train.batch_size % per_step == 0, spec.batch_key,
-                    f"{spec.train.batch_size} is not divisible by runtime.num_workers x grad_accum = "
-                    f"{self.runtime.num_workers} x {spec.train.grad_accum}; use a multiple of {per_step}")
+                    f"{spec.train.batch_size} is not divisible by runtime.num_workers x {name} = "
+                    f"{self.runtime.num_workers} x {unit}; use a multiple of {per_step}")
         rt = self.runtime
         require(not (rt.precision == "bf16" and rt.zero_stage == 0 and rt.num_workers > 1),
                 "runtime.precision", "bf16 with several workers needs ZeRO stage >= 1")
@@ -529,6 +601,13 @@ class Config:
             require(adv.clip_loss_weight == 0 or m.text_dim > 0, f"{key}.clip_loss_weight",
                     "the CLIP regulariser compares images with their captions: it needs a text-conditioned model "
                     "(model.text_dim > 0); set it to 0")
+            if adv.adaptive_weight_at == "last_layer":
+                require(rt.zero_stage <= 2, f"{key}.adaptive_weight_at",
+                        "'last_layer' reads the output head's weights, which ZeRO-3 partitions; use runtime.zero_stage "
+                        "<= 2 or 'output'")
+        require(self.distill.adversarial.adaptive_weight_at != "last_layer" or m.resolution not in m.attn_resolutions,
+                "distill.adversarial.adaptive_weight_at", "'last_layer' is the last decoder block's residual conv, "
+                "which attention at the base resolution (model.attn_resolutions) follows; use 'output'")
         require(not self.grow.adversarial.guidance_range, "grow.adversarial.guidance_range",
                 "the guidance input is learnt in the distill stage (distill.adversarial.guidance_range); grown "
                 "generators inherit it, frozen like every embedding: leave this empty")

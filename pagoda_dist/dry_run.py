@@ -140,7 +140,7 @@ def describe(cfg: Config, source: str) -> str:
            f"{'trainable':>9} {'GFLOP/img':>10} {'PFLOP':>9}"]
     for line in stage_lines(cfg, ledger["stages"]):
         spec, train = line.spec, line.spec.train
-        per_rank = train.batch_size // (ranks * train.grad_accum)
+        per_rank = train.batch_size // (ranks * train.accumulation(ranks))
         out.append(f"  {spec.name:<10} {spec.resolution:>4} {train.total_kimg:>9g} {train.batch_size:>6} {per_rank:>8} "
                    f"{line.steps:>9} {line.params / 1e6:>8.1f}M {line.trainable / 1e6:>8.1f}M "
                    f"{line.flops_per_image / 1e9:>10.2f} {line.total_flops / 1e15:>9.3g}")

@@ -41,7 +41,9 @@ class Condition:
     text_pooled: Tensor | None = None
     text_tokens: Tensor | None = None
     text_mask: Tensor | None = None
-    guidance: Tensor | None = None
+    # Exempt from a low-precision engine's input cast (runtime.drivers): a guidance scale rounded to bf16 (7.77 ->
+    # 7.78125) would no longer be the scale the teacher's target was sampled at.
+    guidance: Tensor | None = field(default=None, metadata={"keep_dtype": True})
 
     def _tensors(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None}
@@ -121,10 +123,13 @@ class Batch:
     image: Tensor  # (B, C, H, W), H = W = StageInputs.resolution
     condition: Condition = field(default_factory=Condition)
     latent: Tensor | None = None  # (B, C, r, r) DDIM-inversion latent at the base resolution r
+    # Real images (and their condition) of a second stream for the discriminator (StageInputs.gan_reals).
+    gan_real: Batch | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         latent = None if self.latent is None else self.latent.to(device)
-        return Batch(self.image.to(device), self.condition.to(device), latent)
+        gan_real = None if self.gan_real is None else self.gan_real.to(device)
+        return Batch(self.image.to(device), self.condition.to(device), latent, gan_real)
 
     def __len__(self) -> int:
         return self.image.shape[0]
@@ -136,6 +141,9 @@ class StageInputs:
 
     resolution: int
     needs_latents: bool
+    # Also a second, independently ordered stream of the same shards' real images, for the discriminator
+    # (Batch.gan_real; adversarial.separate_real_stream).
+    gan_reals: bool = False
 
 
 class StepDriver(Protocol):

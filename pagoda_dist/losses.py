@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from pagoda_dist.models.blocks import antialiased_resize
 
@@ -255,12 +255,29 @@ def _weight(g_rec: Tensor, g_gan: Tensor, factor: float, clip: Sequence[float], 
     return (ratio.clamp(lo, hi) * factor).detach()
 
 
+ADAPTIVE_WEIGHT_AT = ("output", "last_layer")
+
+
+def conv_weight_grad(conv: nn.Conv2d, inputs: Tensor) -> Callable[[Tensor], Tensor]:
+    """g -> the gradient at `conv.weight` of a loss whose gradient at the conv's output is g, given the conv's
+    `inputs` of that forward. Only the weight's shape is read, so it holds under ZeRO-3 partitioning, and nothing
+    is differentiated through the network (see the module docstring). Computed in the inputs' dtype."""
+    shape = getattr(conv.weight, "ds_shape", conv.weight.shape)  # ZeRO-3 keeps the full shape here
+    x = inputs.detach()
+
+    def grad(g_out: Tensor) -> Tensor:
+        return torch.nn.grad.conv2d_weight(x, shape, g_out.to(x.dtype), stride=conv.stride, padding=conv.padding,
+                                           dilation=conv.dilation, groups=conv.groups)
+    return grad
+
+
 @dataclass
 class GeneratorObjective:
     """The generator's loss for one step. `loss` has the value rec + weight * gan + reg and, by construction, the
     gradient g_rec + weight * g_gan + g_reg with respect to the generator output: backpropagate it (also through a
     DeepSpeed engine) like any loss. The other fields are detached, for logging (`reg` is 0 without a
-    regulariser)."""
+    regulariser). `weight_output` and `weight_last_layer` are the adaptive weight by each formula (None when not
+    computed); `weight` is the one applied."""
 
     loss: Tensor
     rec: Tensor
@@ -269,12 +286,16 @@ class GeneratorObjective:
     rec_grad_norm: Tensor
     gan_grad_norm: Tensor
     reg: Tensor
+    weight_output: Tensor | None = None
+    weight_last_layer: Tensor | None = None
 
 
 def generator_objective(out: Tensor, rec_fn: Callable[[Tensor], Tensor],
                         gan_fn: Callable[[Tensor], Tensor] | None, *, factor: float = 1.0,
                         clip: Sequence[float] = (0.01, 10.0), eps: float = 1e-8,
-                        reg_fn: Callable[[Tensor], Tensor] | None = None) -> GeneratorObjective:
+                        reg_fn: Callable[[Tensor], Tensor] | None = None,
+                        last_layer_grad: Callable[[Tensor], Tensor] | None = None,
+                        weight_at: str = "output") -> GeneratorObjective:
     """rec + adaptive_weight * gan (+ reg) for the generator output `out`, each loss evaluated once.
 
     rec_fn(o) and gan_fn(o) map an output to a scalar loss (the GAN one typically `g_hinge_loss(D(augment(o)))`,
@@ -285,17 +306,30 @@ def generator_objective(out: Tensor, rec_fn: Callable[[Tensor], Tensor],
 
     reg_fn(o), optional, is a regulariser carrying its own weight (the CLIP term): it is added as it is and kept
     out of the adaptive weight's ratio, so turning it on does not change how hard the GAN term pushes.
+
+    weight_at: where the gradient norms of the ratio are taken: "output" (at `out`), or "last_layer" (at the weight
+    of the generator's last layer, VQGAN's and the reference's formula; needs `last_layer_grad`, which maps a
+    gradient at `out` to the one at that weight, e.g. `conv_weight_grad`). The two differ by a data-dependent
+    factor; given `last_layer_grad`, both are computed and returned for logging.
     """
+    if weight_at not in ADAPTIVE_WEIGHT_AT:
+        raise ValueError(f"weight_at {weight_at!r}: expected one of {list(ADAPTIVE_WEIGHT_AT)}")
+    if weight_at == "last_layer" and last_layer_grad is None:
+        raise ValueError("weight_at 'last_layer' needs last_layer_grad (the gradient at the last layer's weight)")
     od = out.detach().requires_grad_()
     rec = rec_fn(od)
     if gan_fn is None:
         (g_out,) = torch.autograd.grad(rec, od)
         gan = weight = g_gan_norm = rec.detach().new_zeros(())
         g_rec_norm = g_out.float().norm()
+        weights: dict[str, Tensor] = {}
     else:
         gan = gan_fn(od)
         g_rec, g_gan = _grads(rec, gan, od, retain_graph=False)
-        weight = _weight(g_rec, g_gan, factor, clip, eps)
+        weights = {"output": _weight(g_rec, g_gan, factor, clip, eps)}
+        if last_layer_grad is not None:
+            weights["last_layer"] = _weight(last_layer_grad(g_rec), last_layer_grad(g_gan), factor, clip, eps)
+        weight = weights[weight_at]
         g_out = g_rec + weight.to(g_gan.dtype) * g_gan
         g_rec_norm, g_gan_norm = g_rec.float().norm(), g_gan.float().norm()
     reg = rec.detach().new_zeros(())
@@ -307,4 +341,4 @@ def generator_objective(out: Tensor, rec_fn: Callable[[Tensor], Tensor],
     value = rec.detach() + weight * gan.detach() + reg.detach()
     loss = surrogate - surrogate.detach() + value  # the real loss's value, the surrogate's gradient
     return GeneratorObjective(loss, rec.detach(), gan.detach(), weight, g_rec_norm.detach(), g_gan_norm.detach(),
-                              reg.detach())
+                              reg.detach(), weights.get("output"), weights.get("last_layer"))

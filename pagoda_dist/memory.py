@@ -71,7 +71,7 @@ def saved_bytes(model: nn.Module, x: Tensor, forward: Callable[[nn.Module, Tenso
 
 def stage_memory(cfg: Config, spec: StageSpec) -> StageMemory:
     rt = cfg.runtime
-    micro = spec.train.batch_size // (rt.num_workers * spec.train.grad_accum)
+    micro = spec.train.batch_size // (rt.num_workers * spec.train.accumulation(rt.num_workers))
     bf16 = rt.precision == "bf16"
     nets = meta_networks(cfg, spec)
     states = sum(model_state_bytes(sum(p.numel() for p in n.parameters() if p.requires_grad),

@@ -12,6 +12,9 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import os
+import signal
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -22,8 +25,9 @@ from pagoda_dist import storage
 from pagoda_dist.chain import StageSpec, chain
 from pagoda_dist.config import Config, ConfigError, DataConfig, StorageConfig, to_dict
 from pagoda_dist.interfaces import Condition, Stage
-from pagoda_dist.runtime import CheckpointStore, load_export, train_stage
+from pagoda_dist.runtime import CheckpointStore, load_export, preemption, train_stage
 from pagoda_dist.runtime.source import BatchSource, DataRequest
+from pagoda_dist.storage.lease import LeaseToken, RunLease
 from pagoda_dist.stages import build_distill, build_grow, build_teacher
 
 
@@ -56,7 +60,8 @@ def reader_source(cfg: Config, request: DataRequest) -> BatchSource:
             return text(captions).stored_condition()
 
     return ReaderSource(cfg, request.inputs, batch_size=request.batch_size, rank=request.rank,
-                        world_size=request.world_size, state=request.state, embed=embed)
+                        world_size=request.world_size, state=request.state, embed=embed,
+                        global_batch=request.global_batch)
 
 
 # --------------------------------------------------------------------------------------------- the steps
@@ -85,15 +90,21 @@ def stage_finished(cfg: Config, spec: StageSpec) -> bool:
     return latest is not None and latest.nimg >= int(round(spec.train.total_kimg * 1000))
 
 
-def _train(cfg: Config, spec: StageSpec) -> dict[str, Any]:
+def _train(cfg: Config, spec: StageSpec, from_scratch: bool = False, lease: LeaseToken | None = None
+           ) -> dict[str, Any]:
     factory: Callable[[Config], Stage] = teacher_stage
     if spec.start_from is not None:
         start, _ = stage_store(cfg, spec.start_from).latest_export()
         factory = functools.partial(distill_stage, start) if spec.kind == "distill" else \
             functools.partial(grow_stage, start, spec)
-    result = train_stage(cfg, factory, reader_source, stage_name=spec.name)
+    result = train_stage(cfg, factory, reader_source, stage_name=spec.name, from_scratch=from_scratch, lease=lease)
     if result.preempted:
         raise Preempted(f"{spec.name} stopped on SIGTERM at {result.nimg} images; run the same command to resume")
+    if result.diverged:
+        raise Diverged(f"{spec.name} stopped at {result.nimg} images after runtime.max_nonfinite_steps="
+                       f"{cfg.runtime.max_nonfinite_steps} steps in a row with a non-finite loss or gradient; its last "
+                       f"checkpoint ({result.checkpoint_url}) is intact. Lower the learning rate or raise grad_clip, "
+                       "then run the same command")
     return {"nimg": result.nimg, "checkpoint": result.checkpoint_url, "metrics": result.metrics}
 
 
@@ -122,14 +133,19 @@ def _import_teacher(cfg: Config) -> dict[str, Any]:
     return {"init_from": cfg.teacher.init_from, "checkpoint": ref.url}
 
 
-class Preempted(RuntimeError):
+class Preempted(preemption.Stopped):
     """A stage saved and stopped on SIGTERM: the run is incomplete but resumable."""
 
 
-def plan(cfg: Config) -> list[Step]:
+class Diverged(RuntimeError):
+    """A stage stopped after too many steps in a row with a non-finite loss or gradient; nothing bad was committed."""
+
+
+def plan(cfg: Config, *, from_scratch: bool = False, lease: LeaseToken | None = None) -> list[Step]:
     """The steps of the run in order, each with its completion test: prepare (when there is a source), the chain's
     stages with precompute before the first stage that reads latent pairs, then evaluate. A teacher imported from
-    teacher.init_from needs no data: its step comes first, so one that does not fit stops the run before any work."""
+    teacher.init_from needs no data: its step comes first, so one that does not fit stops the run before any work.
+    `from_scratch` and `lease` go to each training stage (see `train_stage`)."""
     from pagoda_dist.data.manifest import read_manifest
 
     def committed(url: str) -> Callable[[], bool]:
@@ -152,7 +168,7 @@ def plan(cfg: Config) -> list[Step]:
                                  functools.partial(_import_teacher, cfg)))
         else:
             steps.append(Step(spec.name, functools.partial(stage_finished, cfg, spec),
-                              functools.partial(_train, cfg, spec)))
+                              functools.partial(_train, cfg, spec, from_scratch, lease)))
     steps.append(Step("evaluate", lambda: storage.exists(storage.join(cfg.run_url, "eval", "metrics.json")),
                       lambda: evaluate_step(cfg)))
     return steps
@@ -175,12 +191,24 @@ def prepare_from_config(cfg: Config, src: str | None = None, out: str | None = N
 
 def prepare_data(d: DataConfig, src: str, out: str, seed: int = 0, runner: Any = None) -> Any:
     """Shards of SRC at OUT with the data.* settings `d` (the split order follows `seed`); `runner` builds them
-    (default: this process with data.prepare_workers local processes)."""
-    from pagoda_dist.data.prepare import prepare
+    (default: this process with data.prepare_workers local processes). Existing WebDataset shards
+    (data.source_kind=webdataset) are indexed in place instead: OUT receives their index, not a copy."""
+    from pagoda_dist.data.prepare import PrepareStopped, prepare
 
-    return prepare(src, out, kind=d.source_kind, resolution=d.resolution, channels=d.channels,
-                   image_format=d.image_format, jpeg_quality=d.jpeg_quality, shard_size=d.shard_size,
-                   val_fraction=d.val_fraction, workers=d.prepare_workers, seed=seed, limit=d.limit, runner=runner)
+    if d.source_kind == "webdataset":
+        from pagoda_dist.data.wds_source import index_webdataset
+
+        report = index_webdataset(src, out, channels=d.channels, val_fraction=d.val_fraction,
+                                  min_resolution=d.resolution)
+        print(report.summary(), flush=True)
+        return report
+    try:
+        return prepare(src, out, kind=d.source_kind, resolution=d.resolution, channels=d.channels,
+                       image_format=d.image_format, jpeg_quality=d.jpeg_quality, shard_size=d.shard_size,
+                       val_fraction=d.val_fraction, workers=d.prepare_workers, seed=seed, limit=d.limit,
+                       runner=runner, stop=preemption.stop_requested)
+    except PrepareStopped as err:  # data/ knows nothing of preemption; the one exception the CLI maps to 143
+        raise preemption.Stopped(str(err)) from None
 
 
 def prepare_step(cfg: Config) -> dict[str, Any]:
@@ -198,8 +226,11 @@ def precompute_step(cfg: Config) -> dict[str, Any]:
 
 def evaluate_step(cfg: Config) -> dict[str, Any]:
     from pagoda_dist.eval.evaluate import evaluate_run
+    from pagoda_dist.eval.report import publish_evaluation
 
-    return evaluate_run(cfg)
+    results = evaluate_run(cfg)
+    publish_evaluation(cfg, results)  # into each stage's wandb run, copied under the run's URL
+    return results
 
 
 # ------------------------------------------------------------------------------------------ local services
@@ -220,6 +251,22 @@ def storage_session(s: StorageConfig, buckets: set[str]) -> Iterator[None]:
             yield
     else:
         yield
+
+
+@contextlib.contextmanager
+def run_lease(cfg: Config) -> Iterator[LeaseToken | None]:
+    """Holds the run's lease (none when storage.lease_ttl_s is 0). Should another driver take it over (this one's
+    lease expired), this process gets SIGTERM: it stops as on preemption, and commits nothing more."""
+    if not cfg.storage.lease_ttl_s:
+        yield None
+        return
+
+    def lost(message: str) -> None:
+        print(f"pagoda: {message}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    with RunLease(cfg.run_url, cfg.storage.lease_ttl_s, on_lost=lost) as token:
+        yield token
 
 
 @contextlib.contextmanager
@@ -265,26 +312,36 @@ def local_ray(cfg: Config) -> Iterator[None]:
 
 
 # ---------------------------------------------------------------------------------------------- the driver
-def run_pipeline(cfg: Config, *, only: list[str] | None = None, report_dir: Path | None = None) -> list[StepRecord]:
+def run_pipeline(cfg: Config, *, only: list[str] | None = None, report_dir: Path | None = None,
+                 from_scratch: bool = False) -> list[StepRecord]:
     """Walks the chain, skipping committed steps; `only` restricts it to the named steps (e.g. ["teacher"]).
 
     A complete run ends with its report, written beside the run and into `report_dir` (default
-    work/reports/NAME), which holds the sample grids too.
+    work/reports/NAME), which holds the sample grids too. The run's lease (storage.lease_ttl_s) is held throughout:
+    a second driver of the same run is refused before any work. `from_scratch`: a stage whose committed
+    checkpoints are all damaged starts again from zero instead of refusing (the damaged ones are kept).
     """
     records: list[StepRecord] = []
-    with local_services(cfg):
+    # SIGTERM (outside training, which forwards it to its workers) lets the step under way commit its current unit
+    # of work (a shard, an evaluation slice) and raises preemption.Stopped; the same command resumes. The handler
+    # goes in after Ray has started: ray.init installs its own. The lease comes before Ray: a refused driver
+    # starts nothing.
+    with local_storage(cfg), run_lease(cfg) as lease, local_ray(cfg), \
+            preemption.stopping_on_sigterm(cfg.runtime.sigterm_grace_s):
         # Every refusal before any work: missing data or weights, a held-out split too small for the evaluation,
         # workers the cluster cannot place, checkpoints of another layout (`pagoda run --dry-run` lists the same).
-        from pagoda_dist.preflight import cluster_nodes, preflight, refuse_on_problems
+        from pagoda_dist.preflight import cluster_nodes, preflight, recheck_after, refuse_on_problems
 
         findings = preflight(cfg, cluster_nodes())
         if only and "evaluate" not in only:  # a partial run may leave the evaluation's needs for later
             findings = [f for f in findings if f.check != "held-out images"]
         refuse_on_problems(findings)
         _save_config(cfg)
-        for step in plan(cfg):
+        for step in plan(cfg, from_scratch=from_scratch, lease=lease):
             if only and step.name not in only:
                 continue
+            if preemption.stop_requested():  # SIGTERM between steps: start nothing new
+                raise preemption.Stopped(f"stopped on SIGTERM before {step.name}; run the same command to resume")
             start = time.time()
             if step.is_done():
                 print(f"[pagoda] {step.name}: already committed, skipped", flush=True)
@@ -295,6 +352,7 @@ def run_pipeline(cfg: Config, *, only: list[str] | None = None, report_dir: Path
             records.append(StepRecord(step.name, "done", time.time() - start, detail))
             _append_timing(cfg, records[-1])
             print(f"[pagoda] {step.name}: done in {records[-1].seconds:.0f} s", flush=True)
+            refuse_on_problems(recheck_after(cfg, findings, step.name))  # e.g. held-out tars counted by the index
         if not only:
             from pagoda_dist.eval.report import build_report
 

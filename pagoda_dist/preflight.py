@@ -23,6 +23,7 @@ class Finding:
     check: str
     ok: bool
     message: str  # what was found; for a refusal, also what to do
+    after: str = ""  # a check that cannot be made yet: the step after which `pagoda run` makes it (`recheck_after`)
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,11 @@ def refuse_on_problems(findings: list[Finding]) -> None:
     problems = [f"{f.check}: {f.message}" for f in findings if not f.ok]
     if problems:
         raise ConfigError("the run cannot start:\n  " + "\n  ".join(problems))
+
+
+def recheck_after(cfg: Config, findings: list[Finding], step: str) -> list[Finding]:
+    """The checks among `findings` deferred until `step` has run, made now (only the held-out count defers)."""
+    return [_held_out(cfg) for f in findings if f.after == step]
 
 
 def describe(findings: list[Finding]) -> list[str]:
@@ -79,10 +85,12 @@ def _data(cfg: Config) -> list[Finding]:
 
 def _held_out(cfg: Config) -> Finding:
     from pagoda_dist.data.sources import SourceError
-    from pagoda_dist.eval.preflight import check_held_out
+    from pagoda_dist.eval.preflight import HeldOutDeferred, check_held_out
 
     try:
         return Finding("held-out images", True, check_held_out(cfg))
+    except HeldOutDeferred as err:
+        return Finding("held-out images", True, f"deferred: {err}", after="prepare")
     except ConfigError as err:
         return Finding("held-out images", False, str(err))
     except (SourceError, storage.StorageError) as err:  # the data finding above already says what is wrong

@@ -11,7 +11,8 @@ as pixels (builtins), can be read anywhere. Local files can be read only on this
 here by `data.prepare.local_shards`, with `workers` local processes, as `pagoda prepare SRC OUT` does.
 Ray reruns a task whose worker or node died; a task that fails by itself (an input store refusing access, an
 outage outlasting the storage retries) stops the prepare and the other tasks are cancelled. Finished shards stay
-committed, so the same command builds only the rest.
+committed, so the same command builds only the rest. A stop request (SIGTERM, through `runtime.preemption`) hands
+out no further shard and lets the tasks under way finish theirs.
 
 Ray lives here, outside data/, so that data/ stays importable and testable without it.
 """
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
@@ -71,10 +72,10 @@ class RayShards:
     def __init__(self, env: WorkerEnv) -> None:
         self.env = env
 
-    def __call__(self, jobs: list[ShardJob], work: ShardWork, workers: int,
-                 progress: Progress) -> Iterator[ShardRecord]:
+    def __call__(self, jobs: list[ShardJob], work: ShardWork, workers: int, progress: Progress,
+                 stop: Callable[[], bool]) -> Iterator[ShardRecord]:
         if any(item.path is not None and not storage.is_remote(item.path) for job in jobs for item in job.items):
-            yield from local_shards(jobs, work, workers, progress)
+            yield from local_shards(jobs, work, workers, progress, stop)
             return
         if not jobs:
             return
@@ -85,6 +86,8 @@ class RayShards:
         shown = [0, 0]      # what the bar shows
         try:
             while queue or pending:
+                if queue and stop():
+                    queue.clear()  # the tasks in flight finish their shards
                 while queue and len(pending) < workers:
                     job = queue.popleft()
                     pending[task.remote(job, work, self.env, board)] = job

@@ -1,12 +1,15 @@
 """Helpers for the distributed runtime tests: faults injected into a real stage, a stand-in for precomputed latent
 pairs, and a driver process to send SIGTERM to.
 
-- `Fault` makes one rank die, receive SIGTERM, or hold until a stop is requested, once, at a given image count;
-  `faulty(factory, fault, cfg)` wraps any stage factory with it.
+- `Fault` makes one rank die, receive SIGTERM, hold until a stop is requested, or backpropagate NaN ("nan": one
+  step; "nan-on": every step from then on, a run that diverged), at a given image count; `faulty(factory, fault,
+  cfg)` wraps any stage factory with it.
 - `inverted_tiles` streams real image shards with each image's PF-ODE inversion latent under a fixed teacher,
   computed as the batch streams (what precompute writes to latent-pair shards, without the actor pool).
-- `python -m tests.runtime_support LOCAL_DIR FAULT_JSON KEY=VALUE...` trains the teacher stage with the fault and
-  exits with `preemption.EXIT_CODE` when the run was preempted: the driver of the driver-SIGTERM test.
+- `recorded_source` is the pipeline's data source, writing down which samples each step read.
+- `python -m tests.runtime_support LOCAL_DIR FAULT_JSON [CONFIG.yaml] KEY=VALUE...` trains the teacher stage with
+  the fault and exits with `preemption.EXIT_CODE` when the run was preempted (1 when it diverged): the driver of
+  the driver-SIGTERM test and of benchmarks/faults.py's NaN rows.
 """
 from __future__ import annotations
 
@@ -42,9 +45,19 @@ class Fault:
     rank: int
     marker: str
 
+    def poisons(self, nimg: int) -> bool:
+        """True for a step whose losses this fault turns into NaN."""
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if self.kind == "nan-on":
+            return rank == self.rank and nimg >= self.nimg
+        if self.kind != "nan" or rank != self.rank or nimg < self.nimg or os.path.exists(self.marker):
+            return False
+        Path(self.marker).write_text(f"nan at {nimg} on pid {os.getpid()}\n")
+        return True
+
     def maybe_fire(self, nimg: int) -> None:
         rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-        if rank != self.rank or nimg < self.nimg or os.path.exists(self.marker):
+        if self.kind.startswith("nan") or rank != self.rank or nimg < self.nimg or os.path.exists(self.marker):
             return
         Path(self.marker).write_text(f"{self.kind} at {nimg} on pid {os.getpid()}\n")
         if self.kind == "kill":
@@ -59,6 +72,19 @@ class Fault:
             time.sleep(0.05)
 
 
+class PoisonedDriver:
+    """A stage's driver, with every loss it backpropagates turned into NaN."""
+
+    def __init__(self, driver: StepDriver) -> None:
+        self.driver = driver
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.driver, name)
+
+    def backward(self, name: str, loss: torch.Tensor) -> None:
+        self.driver.backward(name, loss * float("nan"))
+
+
 class FaultyStage:
     """`stage` with `fault` checked before every step; everything else is the stage's own."""
 
@@ -70,7 +96,7 @@ class FaultyStage:
 
     def train_step(self, batch: Batch, driver: StepDriver, nimg: int) -> dict[str, float]:
         self.fault.maybe_fire(nimg)
-        return self.stage.train_step(batch, driver, nimg)
+        return self.stage.train_step(batch, PoisonedDriver(driver) if self.fault.poisons(nimg) else driver, nimg)
 
 
 def faulty(factory: Callable[[Config], Stage], fault: Fault, cfg: Config) -> FaultyStage:
@@ -114,17 +140,48 @@ def inverted_tiles(teacher_url: str, cfg: Config, request: DataRequest) -> Inver
     return InvertedTiles(teacher_url, cfg, request)
 
 
+class RecordedSource:
+    """The pipeline's data source, appending to FOLDER/rank-R.jsonl each batch's [global step, sample keys] (the step
+    from the rank's stream position and its share of the global batch): what every step of a run read."""
+
+    def __init__(self, folder: str, cfg: Config, request: DataRequest) -> None:
+        from pagoda_dist.pipeline import reader_source
+
+        self.source = reader_source(cfg, request)
+        self.share = (request.global_batch or request.batch_size * request.world_size) // request.world_size
+        # The grid writer's one-off request (no global batch) is not part of the training stream.
+        self.path = Path(folder) / f"rank-{request.rank}.jsonl" if request.global_batch else None
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.source:
+            if self.path is not None:
+                with self.path.open("a") as f:
+                    f.write(json.dumps([(batch.position - 1) // self.share, batch.keys]) + "\n")
+            yield batch
+
+    def state(self) -> dict[str, Any]:
+        return self.source.state()
+
+    def corrupt_count(self) -> int:
+        return self.source.corrupt_count()
+
+
+def recorded_source(folder: str, cfg: Config, request: DataRequest) -> RecordedSource:
+    return RecordedSource(folder, cfg, request)
+
+
 def main(argv: list[str]) -> int:
     from pagoda_dist.config import load_config
     from pagoda_dist.pipeline import reader_source, teacher_stage
     from pagoda_dist.runtime import train_stage
 
     local_dir, fault, overrides = argv[0], Fault(**json.loads(argv[1])), argv[2:]
-    cfg = load_config(None, overrides)
+    config = overrides.pop(0) if overrides and overrides[0].endswith(".yaml") else None
+    cfg = load_config(config, overrides)
     result = train_stage(cfg, functools.partial(faulty, teacher_stage, fault), reader_source, stage_name="teacher",
                          local_dir=local_dir)
     print("RESULT " + json.dumps({k: v for k, v in asdict(result).items() if k != "history"}), flush=True)
-    return preemption.EXIT_CODE if result.preempted else 0
+    return preemption.EXIT_CODE if result.preempted else 1 if result.diverged else 0
 
 
 if __name__ == "__main__":

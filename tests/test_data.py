@@ -309,6 +309,26 @@ def test_determinism_and_workers_do_not_change_the_stream(tiles: str, tmp_path: 
         assert storage.read_bytes(storage.join(again, name)) == storage.read_bytes(storage.join(tiles, name))
 
 
+def test_the_callers_random_numbers_do_not_depend_on_workers_or_a_resume(tiles: str) -> None:
+    """A training stream draws its loader seed from torch's RNG once, whatever its worker count (torch's DataLoader
+    draws one per start, and none without workers), and a stream resumed from its state draws none."""
+    def after(workers: int, state: dict | None = None, batches: int = 3) -> tuple[list[str], float]:
+        torch.manual_seed(11)
+        reader = StreamingReader(tiles, batch_size=8, num_workers=workers, seed=0, draw_loader_seed=True)
+        if state is not None:
+            reader.load_state_dict(state)
+        keys = keys_of(take(reader, batches))
+        return keys, float(torch.rand(()))
+
+    keys, draw = after(1)
+    assert after(0) == after(2) == (keys, draw)
+    head = StreamingReader(tiles, batch_size=8, num_workers=1, seed=0, draw_loader_seed=True)
+    take(head, 1)
+    tail, resumed = after(1, json.loads(json.dumps(head.state_dict())), batches=2)
+    torch.manual_seed(11)
+    assert tail == keys[8:] and resumed == float(torch.rand(()))  # no draw: the seed came with the state
+
+
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
 @pytest.mark.parametrize("priority", ["idle", "normal"])
 def test_loader_priority_sets_the_workers_scheduling_class(tiles: str, priority: str) -> None:
@@ -381,9 +401,42 @@ def test_uneven_shards_give_every_rank_equal_batches(tiles: str, tmp_path: Path)
     assert all(len(x) == 88 for x in refs)
     flat = [k for x in refs for k in x]
     assert len(set(flat)) == len(flat) == 264  # disjoint; one sample (265 mod 3) sits this epoch out
-    with pytest.raises(ValueError, match="world size 3 in the middle"):
-        StreamingReader(out, batch_size=8, rank=0, world_size=2, seed=1).load_state_dict(
+    with pytest.raises(ValueError, match="world size 3 in the middle of a step"):
+        StreamingReader(out, batch_size=12, rank=0, world_size=2, seed=1).load_state_dict(
             {**readers[0].state_dict(), "position": 9})
+
+
+def test_elastic_resume_keeps_every_global_batch(tiles: str) -> None:
+    """A run laid out for 2 ranks resumes on 3, then on 1 (same global batch of 24, other micro-batches): every step
+    reads the same 24 samples as the uninterrupted 2-rank run, across an epoch boundary (132 per rank), and a state
+    it cannot carry over (mid-step, another global batch, no global batch saved) is refused."""
+    def readers(world: int, micro: int) -> list[StreamingReader]:
+        return [StreamingReader(tiles, batch_size=micro, rank=r, world_size=world, seed=4, global_batch=24)
+                for r in range(world)]
+
+    def steps(group: list[StreamingReader], n: int) -> list[list[str]]:
+        per_step = 24 // (len(group) * group[0].batch_size)
+        streams = [iter(r) for r in group]
+        return [sorted(k for s in streams for _ in range(per_step) for k in next(s).keys) for _ in range(n)]
+
+    expected = steps(readers(2, 12), 14)
+    group = readers(2, 6)
+    got = steps(group, 5)
+    for world, micro, n in ((3, 4, 5), (1, 12, 4)):
+        states = [json.loads(json.dumps(r.state_dict())) for r in group]
+        group = readers(world, micro)
+        for r in group:
+            r.load_state_dict(states[r._spec.rank] if r._spec.rank < len(states) else states[0])
+        got += steps(group, n)
+    assert got == expected
+
+    state = readers(2, 6)[0].state_dict()
+    with pytest.raises(ValueError, match="in the middle of a step"):
+        readers(3, 4)[0].load_state_dict({**state, "position": 6})
+    with pytest.raises(ValueError, match="global batch of 24 samples, this run has 48"):
+        StreamingReader(tiles, batch_size=8, world_size=3, seed=4, global_batch=48).load_state_dict(state)
+    with pytest.raises(ValueError, match="resume with that world size"):
+        readers(3, 4)[0].load_state_dict({k: v for k, v in state.items() if k != "global_batch"})
 
 
 # ------------------------------------------------------------------------------------------------ corrupt data

@@ -283,21 +283,38 @@ def grid_bytes(cfg: Config) -> dict[str, bytes]:
             for name in ("real", "teacher", "distill", "grow-32")}
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(1200)
-def test_slices_give_the_numbers_of_the_whole_sets(run: Config) -> None:
-    """24 images in slices of 10: the floor set (16) ends inside the second slice, the SWD sets (22) inside the
-    third, the 5 x 5 sample grids span two slices. Every number equals the direct computation on whole sets to the
-    last bit: per-image features and samples do not depend on which images share a batch (on the CPU)."""
-    from pagoda_dist.data.grid import save_grid
+@dataclasses.dataclass
+class Sliced:
+    """One evaluation in this process, in slices, as evaluate_run left it: its config, metrics.json and grids."""
 
-    cfg = with_eval(dataclasses.replace(run, logging=dataclasses.replace(run.logging, grid_size=5)),
+    cfg: Config
+    got: dict
+    grids: dict[str, bytes]
+
+
+@pytest.fixture(scope="module")
+def sliced(run: Config) -> Sliced:
+    """24 images in slices of 10: the floor set (16) ends inside the second slice, the SWD sets (22) inside the
+    third, the 5 x 5 sample grids span two slices. One CPU per Ray actor, for the Ray test that repeats it. Both
+    tests below check this one evaluation (read back before either reruns it in the same run folder)."""
+    cfg = with_eval(dataclasses.replace(run, logging=dataclasses.replace(run.logging, grid_size=5),
+                                        runtime=dataclasses.replace(run.runtime, cpus_per_worker=1)),
                     num_images=24, floor_images=16, swd_images=22, images_per_task=10)
     got = metrics(cfg)
-    expected, images = direct_evaluation(cfg)
-    assert got["floor_images"] == 16 and set(got["floor"]) == {"16", "32"}
-    assert only_metrics(got) == expected
-    assert grid_bytes(cfg) == {name: save_grid(x) for name, x in images.items()}
+    return Sliced(cfg, got, grid_bytes(cfg))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_slices_give_the_numbers_of_the_whole_sets(sliced: Sliced) -> None:
+    """Every number of the sliced evaluation equals the direct computation on whole sets to the last bit: per-image
+    features and samples do not depend on which images share a batch (on the CPU)."""
+    from pagoda_dist.data.grid import save_grid
+
+    expected, images = direct_evaluation(sliced.cfg)
+    assert sliced.got["floor_images"] == 16 and set(sliced.got["floor"]) == {"16", "32"}
+    assert only_metrics(sliced.got) == expected
+    assert sliced.grids == {name: save_grid(x) for name, x in images.items()}
 
 
 def same_up_to_blas(got: dict, expected: dict) -> None:
@@ -312,18 +329,16 @@ def same_up_to_blas(got: dict, expected: dict) -> None:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_ray_workers_give_the_numbers_of_one_process(run: Config) -> None:
+def test_ray_workers_give_the_numbers_of_one_process(sliced: Sliced) -> None:
     """The same evaluation on one Ray actor and on two: identical metrics and grids, to the last bit (each slice is
     computed the same wherever it runs, and each set is reduced from its slices in order, in a one-CPU task).
-    Against this process: identical SWD and samples; Frechet distances agree to float rounding only, because the
-    driver's BLAS runs on all its cores and the covariances' products and eigenvalues round differently with the
-    number of threads (amplified here, where 16 images give rank-deficient 1280 x 1280 covariances)."""
+    Against this process (the sliced evaluation): identical SWD and samples; Frechet distances agree to float
+    rounding only, because the driver's BLAS runs on all its cores and the covariances' products and eigenvalues
+    round differently with the number of threads (amplified here, where 24 images give rank-deficient 1280 x 1280
+    covariances)."""
     import ray
 
-    cfg = with_eval(dataclasses.replace(run, runtime=dataclasses.replace(run.runtime, cpus_per_worker=1)),
-                    num_images=16, floor_images=16, images_per_task=6)
-    here = only_metrics(metrics(cfg))
-    grids = grid_bytes(cfg)
+    cfg, here, grids = sliced.cfg, only_metrics(sliced.got), sliced.grids
     ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
         one = only_metrics(metrics(with_eval(cfg, workers=1)))

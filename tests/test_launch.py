@@ -235,13 +235,15 @@ def _pagoda_run(cluster: LocalCluster, args: list[str], log: Path, cwd: Path) ->
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_node_loss_resumes_from_s3_and_a_fresh_cluster_continues(s3_env: str, tmp_path: Path) -> None:
+    from pagoda_dist.eval.report import build_report
     from pagoda_dist.runtime import CheckpointStore, load_export
-    from pagoda_dist.storage import is_committed, join
+    from pagoda_dist.storage import is_committed, join, list_files, read_bytes
 
     # A wider, longer teacher than TEACHER_RUN's: 12 steps of its 16-channel net take ~2 s, so the run could end
     # between the first commit and the kill; 16 steps at 64 channels leave seconds of training after that commit.
+    # wandb offline: its folders, like the metrics, must end up under the run's URL on S3.
     overrides = [*TEACHER_RUN, f"run.root={s3_env}runs", "run.name=nodeloss", "model.channels=64",
-                 "teacher.train.total_kimg=0.256"]
+                 "teacher.train.total_kimg=0.256", "logging.wandb_mode=offline"]
     store = CheckpointStore(load_config(TINY, overrides).run_url, "teacher")
     metrics = tmp_path / "work/runs/nodeloss/teacher/metrics.jsonl"  # the run's telemetry, written by rank 0
 
@@ -303,6 +305,19 @@ def test_node_loss_resumes_from_s3_and_a_fresh_cluster_continues(s3_env: str, tm
     assert final.nimg == 320
     export = load_export(join(final.url, "export.pt"))
     assert export["stage"] == "teacher" and export["nimg"] == 320 and export["ema"]
+
+    # 3. What a user needs is under the run's URL, not only on rank 0's disk: the metrics as written, and the
+    #    wandb folder of every attempt (before the kill, after Ray Train's restart, on the fresh cluster), all one
+    #    run: the id kept beside them. The report, built from the run's URL alone, draws the loss curve.
+    assert read_bytes(join(store.url, "metrics.jsonl")) == metrics.read_bytes()
+    run_id = json.loads(read_bytes(join(store.url, "wandb.json")))["id"]
+    runs = sorted({rel.split("/")[0] for rel in list_files(join(store.url, "wandb"))})
+    assert len(runs) >= 3 and all(f"{run}/run-{run_id}.wandb" in list_files(join(store.url, "wandb"))
+                                  for run in runs), runs
+    cfg = load_config(TINY, overrides)
+    build_report(cfg, tmp_path / "report")
+    assert read_bytes(join(cfg.run_url, "curves", "loss.png")) == (tmp_path / "report/curves/loss.png").read_bytes()
+    assert b"<h2>Curves</h2>" in read_bytes(join(cfg.run_url, "report.html"))
 
 
 # ------------------------------------------------------------------------------------------------- Slurm

@@ -9,6 +9,7 @@ from torch import nn
 from pagoda_dist.losses import (
     FeatureDistance,
     adaptive_gan_weight,
+    conv_weight_grad,
     d_hinge_loss,
     diff_augment,
     distillation_loss,
@@ -197,3 +198,46 @@ def test_generator_objective_without_gan_is_plain_reconstruction() -> None:
     rec_fn(ref(x)).backward()
     torch.testing.assert_close(net.w.grad, ref.w.grad)
     assert obj.weight.item() == 0.0 and obj.gan.item() == 0.0
+
+
+# ------------------------------------------------------------------------- adaptive weight at the last layer
+@pytest.mark.parametrize("stride, padding", [(1, 1), (2, 0)])
+def test_conv_weight_grad_is_the_gradient_at_the_weight(stride: int, padding: int) -> None:
+    """From the conv's input and the gradient at its output alone: what autograd gives at the weight."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 3, 3, stride=stride, padding=padding)
+    x = torch.randn(2, 4, 9, 9)
+    out = conv(x)
+    g = torch.randn_like(out)
+    (expected,) = torch.autograd.grad(out, conv.weight, g)
+    torch.testing.assert_close(conv_weight_grad(conv, x)(g), expected)
+
+
+def test_generator_objective_weight_at_the_last_layer() -> None:
+    """weight_at 'last_layer': ||d rec / d W|| / ||d gan / d W|| at the last layer's weight W (the reference's
+    formula), which differs from the ratio at the output; both are returned; the update uses the chosen one."""
+    torch.manual_seed(0)
+    body, head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 3, 3, padding=1)
+    x, y, a = torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6), torch.randn(2, 3, 6, 6)
+    rec_fn = lambda o: (o - y).square().mean()  # noqa: E731
+    gan_fn = lambda o: (a * o).mean()  # noqa: E731
+    h = torch.relu(body(x))
+    out = head(h)
+    g_rec, g_gan = (torch.autograd.grad(f(out), head.weight, retain_graph=True)[0] for f in (rec_fn, gan_fn))
+    reference = 0.2 * g_rec.norm() / g_gan.norm()
+
+    obj = generator_objective(out, rec_fn, gan_fn, factor=0.2, last_layer_grad=conv_weight_grad(head, h),
+                              weight_at="last_layer")
+    assert obj.weight.item() == pytest.approx(reference.item(), rel=1e-5) == obj.weight_last_layer.item()
+    at_output = generator_objective(out, rec_fn, gan_fn, factor=0.2)
+    assert obj.weight_output.item() == pytest.approx(at_output.weight.item(), rel=1e-6)
+    assert abs(obj.weight_output.item() / reference.item() - 1) > 0.05  # the two formulas do differ
+    assert at_output.weight_last_layer is None
+    obj.loss.backward()
+    got = head.weight.grad.clone()
+    head.zero_grad()
+    body.zero_grad()
+    (rec_fn(head(torch.relu(body(x)))) + reference * gan_fn(head(torch.relu(body(x))))).backward()
+    torch.testing.assert_close(got, head.weight.grad)
+    with pytest.raises(ValueError, match="last_layer_grad"):
+        generator_objective(out, rec_fn, gan_fn, weight_at="last_layer")

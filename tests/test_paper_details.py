@@ -29,7 +29,12 @@ from pagoda_dist.data.tensors import downsample, to_tensor
 from pagoda_dist.dry_run import _training_detail_lines, describe
 from pagoda_dist.eval.report import _adversarial_flops, meta_networks
 from pagoda_dist.interfaces import Batch, Condition, StageInputs
-from pagoda_dist.losses import adaptive_gan_weight, d_hinge_loss, g_hinge_loss
+from pagoda_dist.losses import adaptive_gan_weight, d_hinge_loss, diff_augment, g_hinge_loss
+from pagoda_dist.models.adm_convert import adm_key_map
+from pagoda_dist.models.generator import OneStepGenerator
+from pagoda_dist.models.unet import UNet
+from pagoda_dist.precompute.teacher import commit_teacher, find_teacher_export, load_teacher
+from pagoda_dist.runtime.drivers import _Casting
 from pagoda_dist.runtime.flops import training_flops_per_image
 from pagoda_dist.runtime.single import train_single_process
 from pagoda_dist.stages import AdversarialStage, build_distill, build_grow, build_teacher
@@ -330,6 +335,7 @@ def test_the_ledger_and_the_dry_run_count_and_show_the_details() -> None:
     ([*SPLIT, "grow.adversarial.gan_weight=0"], "grow.split_steps", "gan_weight > 0"),
     ([*SPLIT, "grow.train.grad_accum=2", "grow.train.batch_size=64"], "grow.split_steps", "grad_accum 1"),
     ([*RECON, "grow.recon_discriminator_weight=0"], "grow.recon_discriminator_weight", "> 0"),
+    (["grow.adversarial.separate_real_stream=true"], "separate_real_stream", "independent_noise"),
 ])
 def test_combinations_that_cannot_work_are_refused(overrides: list[str], key: str, words: str) -> None:
     with pytest.raises(ConfigError) as err:
@@ -345,9 +351,11 @@ def test_shipped_configs_say_what_the_reference_does() -> None:
         assert cfg.data.hflip == "pairs" and cfg.precompute.flip
         assert cfg.grow.split_steps == [256, 512] and cfg.grow.recon_discriminator == [512]
         assert cfg.grow.recon_discriminator_weight == 0.5 and cfg.grow.adversarial.gan_weight == 1.0
+        assert cfg.distill.adversarial.separate_real_stream and cfg.grow.adversarial.separate_real_stream
     for name in ("tiny.yaml", "tiny-text.yaml"):
         cfg = load_config(PACKAGE.parent / "configs" / name)
         assert cfg.data.hflip == "off" and not cfg.grow.split_steps and not cfg.grow.recon_discriminator
+        assert not cfg.distill.adversarial.separate_real_stream and not cfg.grow.adversarial.separate_real_stream
 
 
 # ------------------------------------------------------------------------------------------------ dead keys
@@ -394,3 +402,242 @@ def test_every_config_key_is_read_outside_the_config_module() -> None:
         keys |= set(_yaml_leaves(yaml.safe_load(path.read_text()) or {}))
     dead = sorted(k for k in keys if k not in GENERIC_KEYS and k.rsplit(".", 1)[-1] not in read)
     assert not dead, f"config keys nothing in pagoda_dist reads (outside config.py): {dead}"
+
+
+# ------------------------------------------------------------------------------------ reference details (issue 20)
+JOINT = ["grow.adversarial.gan_weight=0.7"]  # grow-32 without split steps: one joint update of rec + adaptive GAN
+
+
+def test_joint_update_feeds_the_fresh_half_at_sigma_max_like_the_d_step(distilled: dict) -> None:
+    """The joint update's fresh-noise half is sigma_max * eps (what the discriminator step judged and sampling
+    feeds), not unit noise; with independent_noise it is a draw of its own, at the same scale."""
+    batch = a_batch()
+    for independent in (False, True):
+        stage = grow_stage(small_config(*JOINT, f"grow.adversarial.independent_noise={independent}"), distilled)
+        assert not stage.split_steps
+        driver = RecordingDriver(stage.trainable())
+        stage.train_step(batch, driver, nimg=0)
+        d_fake_input, joint_input = driver.g_inputs
+        assert torch.equal(joint_input[:2], batch.latent)
+        fresh = joint_input[2:]
+        assert 40 < fresh.std() < 120 and 40 < d_fake_input.std() < 120
+        assert torch.equal(fresh, d_fake_input) != independent
+
+
+def _reference_weight(stage: AdversarialStage, z: Tensor, batch: Batch, factor: float) -> Tensor:
+    """The reference's adaptive weight, by plain autograd: ||d rec / d W|| / ||d gan / d W|| at the weight W of the
+    generator's last layer (the last block's second conv), for the joint update's losses on G(z)."""
+    G, D, n, cond = stage.generator, stage.discriminator, len(batch), batch.condition
+    out = G(z, Condition.cat([cond, cond]))
+    rec, gan = stage.rec_distance(out[:n], batch.image), g_hinge_loss(D(out[n:], cond))
+    weight = G.last_layer[0].weight
+    g_rec, g_gan = (torch.autograd.grad(loss, weight, retain_graph=True)[0] for loss in (rec, gan))
+    return factor * g_rec.norm() / g_gan.norm()
+
+
+def trained_head_stage(cfg: Config, distilled: dict) -> AdversarialStage:
+    """grow-32 whose new head is no longer zero (a fresh one passes no gradient back to the last layer: there the
+    reference's weight is 0, clipped to adaptive_clip's low end, until the first update moves the head)."""
+    stage = grow_stage(cfg, distilled)
+    for p in stage.generator.growth_heads.parameters():
+        p.data.normal_(0, 0.05)
+    return stage
+
+
+@pytest.mark.parametrize("at", ["output", "last_layer"])
+def test_adaptive_weight_at_the_last_layer_is_the_references_formula(distilled: dict, at: str) -> None:
+    """Both weights are logged every joint step; gan_weight is the one adaptive_weight_at names, and the update's
+    gradient is rec + that weight x gan."""
+    stage = trained_head_stage(small_config(*JOINT, f"grow.adversarial.adaptive_weight_at={at}",
+                                            "grow.adversarial.adaptive_clip=[0.0001,10000]"), distilled)  # unclipped
+    G, D, batch = stage.generator, stage.discriminator, a_batch()
+    driver = RecordingDriver(stage.trainable())
+    metrics = stage.train_step(batch, driver, nimg=0)
+    _, z = driver.g_inputs
+    reference = _reference_weight(stage, z, batch, 0.7)
+    assert metrics["gan_weight_last_layer"] == pytest.approx(reference.item(), rel=1e-4)
+    assert metrics["gan_weight"] == metrics[f"gan_weight_{at}"]
+    assert abs(metrics["gan_weight_output"] / metrics["gan_weight_last_layer"] - 1) > 0.01  # they do differ
+
+    ((_, grads),) = driver.backwards("generator")
+    n, cond = len(batch), batch.condition
+    out = G(z, Condition.cat([cond, cond]))
+    expected = grads_of(G, stage.rec_distance(out[:n], batch.image)
+                        + metrics["gan_weight"] * g_hinge_loss(D(out[n:], cond)))
+    assert grads.keys() == expected.keys()
+    flat = [torch.cat([g[k].flatten() for k in sorted(g)]) for g in (grads, expected)]
+    # As a whole: with the GAN term 40x the reconstruction's, parameters whose gradient cancels to ~1e-8 are noise.
+    assert (flat[0] - flat[1]).norm() < 1e-5 * flat[1].norm()
+
+
+def test_the_first_step_of_a_run_is_counted_with_the_last_layer_weight(distilled: dict) -> None:
+    """A fresh run counts its first step's FLOPs (runtime.telemetry) under a mode whose module hooks watch the
+    gradients of every module call: the last-layer map's own autograd.grad must go through it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    stage = trained_head_stage(small_config(*JOINT), distilled)
+    with FlopCounterMode(display=False) as counter:
+        metrics = stage.train_step(a_batch(), RecordingDriver(stage.trainable()), nimg=0)
+    assert counter.get_total_flops() > 0 and metrics["gan_weight_last_layer"] > 0
+
+
+def test_split_steps_log_the_recon_weight_by_both_formulas(distilled: dict) -> None:
+    stage = trained_head_stage(small_config(*RECON, "grow.adversarial.adaptive_weight_at=last_layer",
+                                            "grow.adversarial.adaptive_clip=[0.0001,10000]"), distilled)
+    metrics = stage.train_step(a_batch(), RecordingDriver(stage.trainable()), nimg=0)
+    assert metrics["recon_weight"] == metrics["recon_weight_last_layer"] != metrics["recon_weight_output"]
+
+
+def test_cutout_ratio_reaches_diffaugment(distilled: dict) -> None:
+    stage = grow_stage(small_config("grow.adversarial.diffaug=cutout", "grow.adversarial.cutout_ratio=0.2"),
+                       distilled)
+    x = torch.ones(4, 3, 32, 32)
+    torch.manual_seed(5)
+    (got,) = stage._augment(x)
+    for ratio, same in ((0.2, True), (0.5, False)):
+        torch.manual_seed(5)
+        assert torch.equal(got, diff_augment(x, policy="cutout", cutout_ratio=ratio)[0]) == same
+    with pytest.raises(ConfigError, match="cutout_ratio"):
+        small_config("grow.adversarial.cutout_ratio=0")
+
+
+def test_imagenet_trains_the_references_decoder_blocks() -> None:
+    """trainable_decoder_blocks in imagenet-512.yaml trains exactly ADM's output blocks 9-15 (--activate_from=9):
+    the decoder entries whose weights come from those blocks (structure only: narrow channels)."""
+    cfg = load_config(PACKAGE.parent / "configs" / "imagenet-512.yaml",
+                      ["model.channels=16", "model.head_channels=8"])
+    grown = OneStepGenerator(cfg.model, growth_resolutions=[128],
+                             trainable_decoder_blocks=cfg.grow.trainable_decoder_blocks)
+    adm = adm_key_map(grown.net)
+    trained = {adm[k.removeprefix("net.")].split(".")[1] for k, p in grown.named_parameters()
+               if p.requires_grad and k.startswith("net.dec.")}
+    assert trained == {str(i) for i in range(9, 16)}
+
+
+def test_guidance_scale_stays_exact_through_a_bf16_engine() -> None:
+    """A bf16 engine's input cast leaves Condition.guidance in float32 (7.77 would become 7.78125) and casts the
+    rest."""
+    seen = []
+
+    class Recorder(nn.Module):
+        def forward(self, z: Tensor, cond: Condition) -> Tensor:
+            seen.append(cond)
+            return z
+
+    cond = Condition(text_pooled=torch.randn(2, 4)).with_guidance(torch.tensor([7.77, 1.0]))
+    _Casting(Recorder(), torch.bfloat16)(torch.zeros(2, 3), cond)
+    (got,) = seen
+    assert got.guidance.dtype == torch.float32 and torch.equal(got.guidance, cond.guidance)
+    assert got.text_pooled.dtype == torch.bfloat16
+
+
+def test_loading_the_teacher_for_inversion_turns_tf32_off(tmp_path: Path) -> None:
+    cfg = small_config(f"run.root={tmp_path}")
+    commit_teacher(cfg.run_url, UNet(cfg.model))
+    url, _ = find_teacher_export(cfg.run_url)
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        load_teacher(url)
+        assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_teacher_churn_for_evaluation_never_for_a_distillation_target() -> None:
+    """teacher.sampler.churn samples stochastically, reproducibly from the noise alone (any batch); the distillation
+    target (deterministic=True) stays the PF-ODE sample of its noise."""
+    common = ["teacher.sampler.steps=6", "teacher.sampler.guidance=1.0"]
+    plain, churned = (build_teacher(small_config(*common, *extra))
+                      for extra in ([], ["teacher.sampler.churn=20"]))
+    churned.net.load_state_dict(plain.net.state_dict())
+    for p in plain.net.parameters():
+        p.data.normal_(0, 0.05)
+    churned.net.load_state_dict(plain.net.state_dict())
+    noise, cond = torch.randn(3, 3, 16, 16), Condition(class_labels=torch.tensor([1, 2, 3]))
+    deterministic = plain.sample(plain.net, noise, cond)
+    assert torch.equal(churned.sample(churned.net, noise, cond, deterministic=True), deterministic)
+    stochastic = churned.sample(churned.net, noise, cond)
+    assert not torch.allclose(stochastic, deterministic, atol=1e-3)
+    torch.testing.assert_close(churned.sample(churned.net, noise[1:], cond[1:]), stochastic[1:])
+    with pytest.raises(ConfigError, match="churn"):
+        small_config("teacher.sampler.solver=ddim", "teacher.sampler.churn=1")
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["grow.adversarial.adaptive_weight_at=last_layer", "runtime.zero_stage=3"],
+     "grow.adversarial.adaptive_weight_at"),
+    (["distill.adversarial.adaptive_weight_at=last_layer", "model.attn_resolutions=[16]"],
+     "distill.adversarial.adaptive_weight_at"),
+])
+def test_last_layer_weight_where_it_cannot_be_computed_is_refused(overrides: list[str], key: str,
+                                                                   distilled: dict) -> None:
+    with pytest.raises(ConfigError, match=key):
+        small_config(*overrides)
+    assert grow_stage(small_config("runtime.zero_stage=3"), distilled).last_layer is None  # nor logged there
+
+
+# ------------------------------------------------------------------------- the discriminator's own reals (issue 20)
+SEPARATE = [*JOINT, "grow.adversarial.independent_noise=true", "grow.adversarial.separate_real_stream=true"]
+
+
+def _gan_source(url: str, *, rank: int = 0, world_size: int = 1, batch_size: int = 8, state: dict | None = None):
+    from pagoda_dist.data.source import ReaderSource
+
+    cfg = small_config(*SEPARATE, f"precompute.output={url}", "data.loader_workers=0", "data.shuffle_buffer=8")
+    return ReaderSource(cfg, StageInputs(resolution=32, needs_latents=True, gan_reals=True), batch_size=batch_size,
+                        rank=rank, world_size=world_size, state=state, global_batch=8)
+
+
+def test_separate_real_stream_reads_other_reals_and_resumes_them(pairs: tuple[str, np.ndarray]) -> None:
+    """Each batch carries a second stream's reals (no latents, an order of their own: over an epoch they are not
+    the reconstruction batch's), whose position the state carries: a resumed source, on the same or another world
+    size, continues with the same reals."""
+    url, images = pairs
+    source = _gan_source(url)
+    stream = iter(source)
+    epoch = [next(stream) for _ in range(N_PAIRS // 8)]
+    for batch in epoch:
+        assert batch.gan_real is not None and batch.gan_real.latent is None and len(batch.gan_real) == len(batch)
+        stored = to_tensor([images[int(k.split("/")[-1])] for k in batch.gan_real.keys], 32)
+        assert torch.equal(batch.gan_real.image, stored)  # the keys' own images (data.hflip is off)
+        labels = [int(k.split("/")[-1]) % 10 for k in batch.gan_real.keys]
+        assert batch.gan_real.condition.class_labels.tolist() == labels
+    assert sum(b.keys != b.gan_real.keys for b in epoch) >= len(epoch) - 1
+    assert sorted(k for b in epoch for k in b.gan_real.keys) == sorted(k for b in epoch for k in b.keys)
+
+    state = source.state()
+    assert state["gan_reals"]["position"] == N_PAIRS
+    ahead = [next(stream) for _ in range(2)]
+    resumed = iter(_gan_source(url, state=state))
+    for a, b in zip(ahead, itertools.islice(resumed, 2)):
+        assert a.keys == b.keys and a.gan_real.keys == b.gan_real.keys
+        assert torch.equal(a.gan_real.image, b.gan_real.image)
+    halves = [list(itertools.islice(iter(_gan_source(url, rank=r, world_size=2, batch_size=4, state=state)), 2))
+              for r in range(2)]
+    for k, whole in enumerate(ahead):  # world size 2: each global batch shared out between the ranks
+        assert sorted(halves[0][k].gan_real.keys + halves[1][k].gan_real.keys) == sorted(whole.gan_real.keys)
+
+    with pytest.raises(ValueError, match="separate_real_stream"):
+        _gan_source(url, state={k: v for k, v in state.items() if k != "gan_reals"})
+
+
+def test_separate_real_stream_feeds_the_discriminator_the_second_streams_reals(distilled: dict) -> None:
+    """The discriminator step judges Batch.gan_real's images (and its fakes get their condition), the generator's
+    update reconstructs the batch's own images; without a second stream's batch the step refuses."""
+    stage = grow_stage(small_config(*SEPARATE), distilled)
+    assert stage.inputs.gan_reals
+    batch = a_batch()
+    g = torch.Generator().manual_seed(2)
+    batch.gan_real = Batch(torch.rand(2, 3, 32, 32, generator=g) * 2 - 1, Condition(class_labels=torch.tensor([5, 1])))
+    seen: list[tuple[Tensor, Condition]] = []
+    handle = stage.discriminator.register_forward_hook(lambda _m, args, _out: seen.append((args[0], args[1])))
+    try:
+        stage.train_step(batch, RecordingDriver(stage.trainable()), nimg=0)
+    finally:
+        handle.remove()
+    (d_real, real_cond), (_, fake_cond) = seen[:2]
+    assert torch.equal(d_real, batch.gan_real.image)  # diffaug is off in these configs
+    assert real_cond.class_labels.tolist() == fake_cond.class_labels.tolist() == [5, 1]
+    with pytest.raises(ValueError, match="separate_real_stream"):
+        stage.train_step(a_batch(), RecordingDriver(stage.trainable()), nimg=0)

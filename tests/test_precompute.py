@@ -3,6 +3,7 @@ untrained tiny teacher (plumbing, not quality): class and caption data, S3 outpu
 do no work, a failed shard that is reported, and bit-identical latents across runs."""
 from __future__ import annotations
 
+import dataclasses
 import re
 import shutil
 from pathlib import Path
@@ -299,3 +300,104 @@ def test_an_imported_teacher_feeds_both_precompute_and_distill(tmp_path: Path) -
     assert architecture == net.architecture()
     generator = build_distill(cfg, export).generator
     torch.testing.assert_close(generator.net.enc[0].weight, net.enc[0].weight, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------- bad input, bad output (no Ray)
+def rewrite_shard(shard_url: str, change: dict[str, bytes]) -> None:
+    """Rewrites an image shard in place with the images of the keys in `change` replaced (index included)."""
+    from pagoda_dist.data.samples import Sample
+    from pagoda_dist.data.shards import ShardWriter
+
+    samples = list(iter_shard(shard_url))
+    folder, name = shard_url.rsplit("/", 1)
+    writer = ShardWriter(folder, name)
+    for s in samples:
+        writer.write(Sample(key=s.key, image=change.get(s.key, s.image), image_ext=s.image_ext, cls=s.cls,
+                            caption=s.caption, meta=s.meta))
+    writer.close()
+
+
+def first_task(cfg: Config, **job_changes: object) -> tuple[object, object]:
+    """The validated job (with `job_changes`) and the task of the first input shard, for an in-process inverter."""
+    from pagoda_dist.precompute.job import make_tasks
+
+    job, inputs, _ = run_module.build_job(cfg)
+    return dataclasses.replace(job, **job_changes), make_tasks(inputs, cfg.shards_url, cfg.pairs_url)[0]
+
+
+@needs_fashion
+def test_a_corrupt_sample_is_skipped_and_counted_not_fatal(tmp_path: Path) -> None:
+    """As the training reader does: the sample that does not decode is left out and counted, the rest commit, and
+    the batches of the others are those of a clean shard (their latents unchanged)."""
+    from pagoda_dist.precompute import ShardInverter
+
+    cfg = make_config(str(tmp_path))
+    make_data(cfg, limit=24, shard_size=24)
+    make_teacher(cfg)
+    job, task = first_task(cfg, batch_size=8)
+    clean = ShardInverter(job).process(task)
+    clean_latents = {s.key: s.arrays["latent"] for s in iter_shard(storage.join(cfg.pairs_url, clean.name))}
+    bad = sorted(clean_latents)[5]
+
+    rewrite_shard(task.input_url, {bad: b"\x89PNG\r\n\x1a\n not an image"})
+    result = ShardInverter(job).process(task)
+    assert (result.count, result.skipped) == (clean.count - 1, 1)
+    assert result.skipped_samples[0].startswith(f"{bad}: ") and "decode" in result.skipped_samples[0]
+    assert storage.read_commit(storage.join(cfg.pairs_url, "train-000000")).meta["skipped"] == 1
+    kept = {s.key: s.arrays["latent"] for s in iter_shard(storage.join(cfg.pairs_url, result.name))}
+    assert set(kept) == set(clean_latents) - {bad}
+    # batches of 8 usable samples: only the samples after the bad one move to other batches
+    for key in sorted(kept)[:5]:
+        assert np.array_equal(kept[key], clean_latents[key]), key
+
+
+@needs_fashion
+def test_quality_gate_refuses_low_psnr_and_nan_latents_and_commits_nothing(tmp_path: Path) -> None:
+    from pagoda_dist.precompute import ShardInverter
+    from pagoda_dist.precompute.worker import ShardRejected
+
+    cfg = make_config(str(tmp_path), **{"precompute.min_psnr_db": 99})
+    make_data(cfg, limit=8, shard_size=8)
+    make_teacher(cfg)
+    job, task = first_task(cfg)
+    with pytest.raises(ShardRejected, match=r"inversion PSNR [\d.]+ dB \(mean of 4 images\) is below "
+                                            r"precompute.min_psnr_db=99"):
+        ShardInverter(job).process(task)
+    assert not storage.exists(task.output_prefix)  # neither committed nor left half-written
+
+    passing = ShardInverter(dataclasses.replace(job, min_psnr_db=0.0)).process(task)  # 0: only NaN fails
+    assert passing.psnr_n == 4 and 0.0 < passing.latent_std < 2.0  # latent std / sigma_max of the shard
+    storage.remove(task.output_prefix, recursive=True)
+
+    net = UNet(cfg.model)
+    with torch.no_grad():
+        next(net.parameters()).fill_(float("nan"))
+    commit_teacher(cfg.run_url, net, nimg=128)  # a diverged teacher: the latest checkpoint
+    job, task = first_task(cfg, min_psnr_db=0.0)
+    with pytest.raises(ShardRejected, match="non-finite latent values"):
+        ShardInverter(job).process(task)
+    assert not storage.exists(task.output_prefix)
+
+
+def test_min_psnr_db_is_validated() -> None:
+    from pagoda_dist.config import ConfigError
+
+    for bad in ("-1", "nan", "inf"):
+        with pytest.raises(ConfigError, match="precompute.min_psnr_db"):
+            load_config(None, [f"precompute.min_psnr_db={bad}"])
+    assert load_config(None, []).precompute.min_psnr_db == 20.0
+
+
+def test_report_gives_latent_spread_per_shard_and_lists_skipped_samples() -> None:
+    from pagoda_dist.precompute import PrecomputeReport, Quality, ShardResult
+
+    shards = [ShardResult(split="train", name=f"train-{i:06d}/train-{i:06d}.tar", count=10, bytes=1, psnr_mean=40.0,
+                          psnr_min=39.0, psnr_n=4, network_evals=22, seconds=1.0, latent_std=0.9 + i / 100,
+                          skipped=i, skipped_samples=tuple(f"{k:06d}: stored image does not decode" for k in range(i)))
+              for i in range(3)]
+    report = PrecomputeReport(pairs_url="p", reused=False, shards_total=3, shards_computed=3, shards_skipped=0,
+                              images_total=30, images_computed=30, latents_per_image=1, network_evals_per_latent=22,
+                              quality=Quality.of(shards), elapsed_s=1.0, shards=shards)
+    text = report.summary()
+    assert "latent std / sigma_max per shard: train-000000 0.900, train-000001 0.910, train-000002 0.920" in text
+    assert "skipped 3 corrupt input sample(s)" in text and "train-000002/train-000002.tar: 000001: stored" in text

@@ -34,7 +34,7 @@ from pagoda_dist.runtime.comm import Comm, SoloComm
 from pagoda_dist.runtime.drivers import _cast
 from pagoda_dist.runtime.ema import Ema
 from pagoda_dist.runtime.schedule import crossed, ema_beta, lr_factor, steps_for
-from pagoda_dist.runtime.trainer import check_latest_resumable
+from pagoda_dist.runtime.trainer import TrainResult, check_latest_resumable
 from pagoda_dist.stages import build_teacher
 from tests.damage import garble_image
 from tests.runtime_support import Fault, faulty, inverted_tiles
@@ -347,7 +347,9 @@ def test_teacher_on_s3_tiles_driver_sigterm_killed_worker_and_resume_are_exact(
         local_ray, s3_env: str, tile_shards: Path, tmp_path: Path) -> None:
     """The teacher on real tiles streamed from S3, checkpoints on S3. A reference run; a driver process that gets
     SIGTERM (and only it) while its workers train; the same run resumed, with a worker killed midway. Every loss
-    logged after the resume, replayed ones included, equals the reference's at the same image count."""
+    logged after the resume, replayed ones included, equals the reference's at the same image count. As in the demo,
+    each rank reads through one DataLoader worker, and checkpoints (every 3 steps) fall inside log windows (every 2
+    steps): the kill resumes mid-window, and that window's mean must still be the reference's."""
     damaged = tmp_path / "damaged"  # two images garbled: the run skips them and reports how many it skipped
     storage.upload_dir(str(tile_shards), str(damaged))
     garbled = {garble_image(damaged / "train-000000.tar", 5), garble_image(damaged / "train-000001.tar", 7)}
@@ -357,7 +359,7 @@ def test_teacher_on_s3_tiles_driver_sigterm_killed_worker_and_resume_are_exact(
               f"storage.endpoint_url={storage.settings.current().endpoint_url}",
               "runtime.num_workers=2", "runtime.zero_stage=2", "runtime.sigterm_grace_s=30", "runtime.max_failures=1",
               "teacher.train.batch_size=16", "teacher.train.grad_accum=2", "teacher.train.total_kimg=0.32",
-              "logging.log_every_kimg=0.016", "logging.checkpoint_every_kimg=0.096",
+              "data.loader_workers=1", "logging.log_every_kimg=0.032", "logging.checkpoint_every_kimg=0.048",
               "logging.sample_every_kimg=0.16"]
     timings = {}
 
@@ -366,17 +368,18 @@ def test_teacher_on_s3_tiles_driver_sigterm_killed_worker_and_resume_are_exact(
     ref = train_stage(ref_cfg, teacher_stage, reader_source, stage_name="teacher", local_dir=tmp_path / "ref")
     timings["reference"] = time.perf_counter() - start
     losses = [r["loss"] for r in ref.history]
-    assert ref.nimg == 320 and not ref.preempted and ref.resumed_from is None and len(losses) == 20
-    assert sum(losses[-4:]) < 0.85 * sum(losses[:4]), losses  # the EDM loss falls on real tiles (0.75 here)
+    assert ref.nimg == 320 and not ref.preempted and ref.resumed_from is None and len(losses) == 10
+    assert sum(losses[-2:]) < 0.85 * sum(losses[:2]), losses  # the EDM loss falls on real tiles
     store = CheckpointStore(ref_cfg.run_url, "teacher")
-    assert [r.nimg for r in store.committed()] == [288, 320]  # keep_checkpoints=2 pruned 96 and 192
+    assert [r.nimg for r in store.committed()] == [288, 320]  # keep_checkpoints=2 pruned 48 ... 240
     assert ref.checkpoint_url == store.step_url(320)
     export = load_export(ref.export_url)
     net = teacher_stage(ref_cfg).net
     assert export["network"] == "net" and export["architecture"] == net.architecture()
     net.load_state_dict(export["ema"])  # whole fp32 weights of the real UNet
     assert storage.exists(storage.join(store.url, "samples", "grid-000000320.png"))
-    assert list((tmp_path / "ref" / "wandb").rglob("*.wandb"))  # offline wandb run under the local dir
+    assert list((tmp_path / "ref" / "teacher" / "wandb").rglob("*.wandb"))  # offline wandb run under the local dir
+    assert [f for f in storage.list_files(storage.join(store.url, "wandb")) if f.endswith(".wandb")]  # and on S3
     assert "mfu" in ref.metrics and ref.metrics["images_per_s"] > 0
     assert ref.metrics["corrupt_samples"] == len(garbled), (garbled, ref.metrics)  # 320 of 349: both were met
 
@@ -404,7 +407,7 @@ def test_teacher_on_s3_tiles_driver_sigterm_killed_worker_and_resume_are_exact(
     assert exited - signalled < 30, output[-3000:]  # runtime.sigterm_grace_s
     cfg = load_config(None, run)
     store = CheckpointStore(cfg.run_url, "teacher")
-    assert [r.nimg for r in store.committed()] == [96, 160]
+    assert [r.nimg for r in store.committed()] == [144, 160]
     saved = store.step_url(160)
     assert {f"rank-0000{r}.pt" for r in (0, 1)} <= set(storage.list_files(saved))  # every rank saved its part
     assert json.loads(storage.read_bytes(storage.join(saved, "COMMIT")))["created_unix"] - signalled < 30
@@ -418,10 +421,11 @@ def test_teacher_on_s3_tiles_driver_sigterm_killed_worker_and_resume_are_exact(
                           local_dir=tmp_path / "run")
     timings["resume with a killed worker"] = time.perf_counter() - start
     assert Path(kill.marker).exists()
-    # Ray Train restarted the group from the commit at 192 (the first attempt had resumed from 160).
-    assert resumed.resumed_from == 192 and resumed.nimg == 320 and not resumed.preempted
+    # Ray Train restarted the group from the commit at 240, half way through the log window 224-256 (the first
+    # attempt had resumed from 160).
+    assert resumed.resumed_from == 240 and resumed.nimg == 320 and not resumed.preempted
     records = [json.loads(line) for line in (tmp_path / "run" / "teacher" / "metrics.jsonl").open()]
-    assert [int(r["nimg"]) for r in records] == [*range(176, 241, 16), *range(208, 321, 16)]
+    assert [int(r["nimg"]) for r in records] == [192, 224, 256, 288, 320]
     expected = _losses(ref.history)
     assert all(_losses([r])[int(r["nimg"])] == expected[int(r["nimg"])] for r in records), (records, expected)
     print(f"\ntimings: {', '.join(f'{k} {v:.1f} s' for k, v in timings.items())}")
@@ -433,7 +437,8 @@ def test_zero3_distill_two_engines_save_on_sigterm_and_skip_an_uncommitted_check
         local_ray, tile_shards: Path, tmp_path: Path) -> None:
     """The distil stage (generator and discriminator: two engines) under ZeRO-3 and bf16 on real tiles with their
     inversion latents. A worker gets SIGTERM: every rank saves. That checkpoint then loses its commit marker, so
-    the next run resumes from the one before and replays the steps between them with identical losses."""
+    the next run resumes from the one before, half way through a log window, and replays the steps between them
+    with identical losses (one DataLoader worker per rank, as in the demo)."""
     from pagoda_dist.models.unet import UNet
 
     cfg = tiles_config(f"data.shards={tile_shards}", f"run.root={tmp_path}", "run.name=gan",
@@ -442,8 +447,9 @@ def test_zero3_distill_two_engines_save_on_sigterm_and_skip_an_uncommitted_check
                        "runtime.max_failures=0",
                        "distill.train.batch_size=16", "distill.train.total_kimg=0.16",
                        "distill.train.optimizer.lr=0.0005", "distill.adversarial.discriminator.channels=16",
-                       "distill.adversarial.discriminator.num_scales=1", "logging.log_every_kimg=0.016",
-                       "logging.checkpoint_every_kimg=0.048", "logging.sample_every_kimg=1")
+                       "distill.adversarial.discriminator.num_scales=1", "logging.log_every_kimg=0.064",
+                       "logging.checkpoint_every_kimg=0.048", "logging.sample_every_kimg=1",
+                       "data.loader_workers=1")
     torch.manual_seed(0)
     teacher = UNet(cfg.model)
     for p in teacher.parameters():  # trained-like weights: zero-initialised heads would block the gradients
@@ -474,8 +480,10 @@ def test_zero3_distill_two_engines_save_on_sigterm_and_skip_an_uncommitted_check
     resume_s = time.perf_counter() - start
     assert resumed.resumed_from == 96 and resumed.nimg == 160 and not resumed.preempted
     before, after = _losses(stopped.history), _losses(resumed.history)
-    assert sorted(after) == [112, 128, 144, 160] and set(after[112]) == {"loss", "d_loss", "rec", "gan"}
-    assert all(after[n] == before[n] for n in (112, 128, 144))  # ZeRO-3 state of both engines restored exactly
+    assert sorted(before) == [64, 128] and sorted(after) == [128, 160]
+    assert set(after[128]) == {"loss", "d_loss", "rec", "gan"}
+    # ZeRO-3 state of both engines restored exactly; the window 64-128 is averaged over all four of its steps.
+    assert after[128] == before[128]
 
     export = load_export(resumed.export_url)
     generator = distill_stage(teacher_url, cfg).generator
@@ -484,6 +492,60 @@ def test_zero3_distill_two_engines_save_on_sigterm_and_skip_an_uncommitted_check
     generator.load_state_dict(export["ema"])
     assert all(torch.isfinite(v).all() for v in export["ema"].values())
     print(f"\ntimings: ZeRO-3 distil stopped by SIGTERM {stop_s:.1f} s, resumed {resume_s:.1f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_elastic_resume_on_three_then_one_worker_keeps_the_global_batches(
+        local_ray, tile_shards: Path, tmp_path: Path) -> None:
+    """The teacher (ZeRO-2, one DataLoader worker per rank) saved by 2 workers resumes on 3, then on 1: global batch
+    24 from micro-batches of 4 (accumulation 3, 2, 6). Every step reads the same 24 samples as an uninterrupted
+    2-worker run, Adam's state is re-partitioned (its step count goes on), the losses stay on the reference's curve,
+    and a changed global batch is refused before any worker starts."""
+    from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
+
+    from tests.runtime_support import recorded_source
+
+    common = [f"data.shards={tile_shards}", f"run.root={tmp_path}", "data.loader_workers=1", "runtime.zero_stage=2",
+              "runtime.max_failures=0", "teacher.train.batch_size=24", "teacher.train.micro_batch=4",
+              "distill.train.batch_size=24", "grow.train.batch_size=24",  # valid on 3 workers too
+              "logging.log_every_kimg=0.048", "logging.checkpoint_every_kimg=0.048", "logging.sample_every_kimg=1"]
+
+    def run(name: str, workers: int, kimg: float) -> TrainResult:
+        cfg = tiles_config(*common, f"run.name={name}", f"runtime.num_workers={workers}",
+                           f"teacher.train.total_kimg={kimg}")
+        data = functools.partial(recorded_source, str(tmp_path / f"steps-{name}"))
+        (tmp_path / f"steps-{name}").mkdir(exist_ok=True)
+        return train_stage(cfg, teacher_stage, data, stage_name="teacher", local_dir=tmp_path / name)
+
+    def steps(name: str) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {}
+        for path in (tmp_path / f"steps-{name}").glob("rank-*.jsonl"):
+            for step, keys in map(json.loads, path.read_text().splitlines()):
+                out.setdefault(step, []).extend(keys)
+        return {step: sorted(keys) for step, keys in out.items()}
+
+    ref = run("ref", 2, 0.288)
+    parts = [run("elastic", workers, kimg) for workers, kimg in ((2, 0.096), (3, 0.192), (1, 0.288))]
+    assert [(p.resumed_from, p.nimg) for p in parts] == [(None, 96), (96, 192), (192, 288)]
+    expected = steps("ref")
+    assert sorted(expected) == list(range(12)) and all(len(set(k)) == 24 for k in expected.values())
+    assert steps("elastic") == expected  # no sample repeated or skipped by the changes
+
+    cfg = tiles_config(*common, "run.name=elastic", "runtime.num_workers=3")
+    optim = (Path(CheckpointStore(cfg.run_url, "teacher").step_url(288)) / "engines" / "net" / "state"
+             / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    adam = TorchCheckpointEngine().load(str(optim), map_location="cpu")["optimizer_state_dict"]
+    assert float(adam["base_optimizer_state"]["state"][0]["step"]) == 12  # 4 steps on 2 workers, 4 on 3, 4 on 1
+
+    reference, elastic = _losses(ref.history), {**_losses(parts[1].history), **_losses(parts[2].history)}
+    assert sorted(elastic) == [144, 192, 240, 288]
+    gap = sum(abs(elastic[n]["loss"] - reference[n]["loss"]) for n in elastic) / len(elastic)
+    assert gap < 0.2 * sum(reference[n]["loss"] for n in elastic) / len(elastic), (elastic, reference)
+
+    cfg.teacher.train.batch_size = 48
+    with pytest.raises(CheckpointMismatch, match="the global batch changed from 24 to 48; keep it"):
+        check_latest_resumable(cfg, "teacher", cfg.run_url)
 
 
 def test_fault_wrapped_factories_pickle() -> None:

@@ -13,6 +13,11 @@ Per epoch e:
    hash(seed, e, r, window): samples of ~window/chunk_size chunks mix, yet a reader fetches each chunk once.
 
 DataLoader workers do not change the order: the reader hands batch k of a rank to worker k mod num_workers.
+
+The world size the order is built for is the one a run started with (its *layout*). `Layout` says which of those
+rank streams' positions a rank reads when a run resumes on another number of ranks with the same global batch:
+step s of the run is, as before, the next B/W0 positions of each of the W0 rank streams laid end to end; the new
+ranks split that same global batch among them, so no sample is repeated or skipped by the change.
 Shuffling uses a splitmix64 hash rather than numpy's Generator so the order never changes with numpy's version.
 """
 from __future__ import annotations
@@ -91,16 +96,23 @@ class SampleOrder:
     def locate(self, positions: np.ndarray) -> np.ndarray:
         """(len(positions), 2) int64 array of (shard, index-in-shard) for this rank's stream positions."""
         positions = np.asarray(positions, dtype=np.int64)
+        return self.locate_ranks(np.full_like(positions, self.rank), positions)
+
+    def locate_ranks(self, ranks: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """`locate` for positions of several ranks of this world size: position i is one of rank ranks[i]."""
+        ranks, positions = np.asarray(ranks, dtype=np.int64), np.asarray(positions, dtype=np.int64)
+        if len(ranks) and not 0 <= ranks.min() <= ranks.max() < self.world_size:
+            raise ValueError(f"ranks {sorted(set(ranks.tolist()))} are outside world size {self.world_size}")
         m, s = self.samples_per_epoch, self.shuffle_window
         epoch, offset = np.divmod(positions, m)
         window = offset // s
         local = np.empty_like(positions)
-        for e, w in sorted(set(zip(epoch.tolist(), window.tolist()))):
-            sel = (epoch == e) & (window == w)
+        for r, e, w in sorted(set(zip(ranks.tolist(), epoch.tolist(), window.tolist()))):
+            sel = (ranks == r) & (epoch == e) & (window == w)
             start = w * s
-            perm = permutation((self.seed, e, self.rank, w, 1), min(s, m - start))
+            perm = permutation((self.seed, e, r, w, 1), min(s, m - start))
             local[sel] = start + perm[offset[sel] - start]
-        sequence = self.rank * m + local  # index into the epoch's chunk-ordered sequence of all samples
+        sequence = ranks * m + local  # index into the epoch's chunk-ordered sequence of all samples
         out = np.empty((len(positions), 2), dtype=np.int64)
         for e in np.unique(epoch).tolist():
             sel = epoch == e
@@ -119,3 +131,31 @@ class SampleOrder:
             order = permutation((self.seed, epoch, 0), len(self._chunks))
             self._epochs[epoch] = (order, np.cumsum(self._chunks[order, 2]))
         return self._epochs[epoch]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which samples a rank reads when the run's stream was laid out for `world_size` ranks.
+
+    Step s of the run reads positions [s*P, (s+1)*P) of every layout rank's stream, P = global_batch / world_size,
+    laid end to end in layout-rank order: the step's global batch. A rank of `ranks` ranks reads its consecutive
+    1/ranks share of it, step after step (its micro-batches cut that share in order); with ranks == world_size that
+    is exactly the rank's own stream, so a run that keeps its world size reads what it always read.
+    """
+
+    world_size: int     # W0: ranks the run's stream was laid out for
+    global_batch: int   # B: samples per optimizer step over all ranks
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1 or self.global_batch < 1 or self.global_batch % self.world_size:
+            raise ValueError(f"a global batch of {self.global_batch} cannot be split over {self.world_size} ranks")
+
+    def positions(self, rank: int, ranks: int, consumed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(layout ranks, positions in their streams) of samples `consumed` (0, 1, ...) of `rank` of `ranks`."""
+        if self.global_batch % ranks:
+            raise ValueError(f"a global batch of {self.global_batch} cannot be split over {ranks} ranks; choose a "
+                             "batch size divisible by the number of workers")
+        share, per_rank = self.global_batch // ranks, self.global_batch // self.world_size
+        step, within = np.divmod(np.asarray(consumed, dtype=np.int64), share)
+        j = rank * share + within  # index in the step's global batch
+        return j // per_rank, step * per_rank + j % per_rank

@@ -7,7 +7,8 @@ captions) -> cut each split into shards of `shard_size` consecutive inputs (`pla
 decode, square-crop, resize and encode its inputs (corrupt, truncated and non-image inputs are counted, reported
 and skipped) and write `train-NNNNNN.tar` / `val-NNNNNN.tar` with its index, then the shard's completion record
 `.prepare/train-NNNNNN.json` (its skipped inputs, and the settings it was made with) -> `manifest.json` ->
-COMMIT marker, last.
+COMMIT marker, last. A stop request (`stop()` returning True, e.g. on SIGTERM) starts no further shard: the shards
+under way are finished with their records, and `PrepareStopped` says how many are left for the same call to build.
 
 An input's shard and key follow from its position in its split alone (key = that position), so the bytes never
 depend on who builds the shards, how many at once, or in which order; a skipped input leaves its key unused and
@@ -70,6 +71,10 @@ Progress = Callable[[int, int], None]    # (inputs done, of which skipped), as i
 
 class PrepareError(ValueError):
     """Prepare cannot run or finish: bad settings, an OUT folder it must not touch, or no usable input."""
+
+
+class PrepareStopped(RuntimeError):
+    """A stop request ended the prepare with shards left; those built are kept and the same call builds the rest."""
 
 
 @dataclass
@@ -170,10 +175,11 @@ class ShardRecord:
 
 class ShardRunner(Protocol):
     """Builds `jobs` (each with `build_shard`, or `write_shard` over its encoded inputs) and yields their records
-    as they complete, in any order; calls `progress` as inputs are done. `workers`: how many at once."""
+    as they complete, in any order; calls `progress` as inputs are done. `workers`: how many at once. Once `stop()`
+    returns True it starts no further shard, finishes those under way and returns."""
 
-    def __call__(self, jobs: list[ShardJob], work: ShardWork, workers: int,
-                 progress: Progress) -> Iterator[ShardRecord]: ...
+    def __call__(self, jobs: list[ShardJob], work: ShardWork, workers: int, progress: Progress,
+                 stop: Callable[[], bool]) -> Iterator[ShardRecord]: ...
 
 
 def plan_shards(items: list[SourceItem], shard_size: int) -> list[ShardJob]:
@@ -190,13 +196,15 @@ def plan_shards(items: list[SourceItem], shard_size: int) -> list[ShardJob]:
 def prepare(src: str, out: str, *, kind: str = "auto", resolution: int = 32, channels: int = 3,
             image_format: str = "png", jpeg_quality: int = 95, shard_size: int = 1000,
             val_fraction: float = 0.05, workers: int = 2, seed: int = 0, limit: int | None = None,
-            overwrite: bool = False, progress: bool = True, runner: ShardRunner | None = None) -> PrepareReport:
+            overwrite: bool = False, progress: bool = True, runner: ShardRunner | None = None,
+            stop: Callable[[], bool] | None = None) -> PrepareReport:
     """Turns SRC into committed shards at OUT (local path, file:// or s3://); see the module docstring.
 
     src: image folder, class-per-subfolder tree, captioned folder, .jsonl manifest (each local or s3://), or
     builtin:NAME.
     limit: use at most this many inputs (deterministic subset; for tests and quick demos).
     workers: shards built at once by `runner`; the default runner's local decoding processes.
+    stop: polled between shards; once it returns True no further shard starts and PrepareStopped is raised.
     """
     started = time.monotonic()
     _check_settings(resolution, channels, image_format, jpeg_quality, shard_size, val_fraction, workers, limit)
@@ -236,8 +244,12 @@ def prepare(src: str, out: str, *, kind: str = "auto", resolution: int = 32, cha
 
     # A failure leaves the finished shards and their records in place: the same call again builds only the rest.
     with bar:
-        for record in (runner or local_shards)(todo, work, workers, advance):
+        for record in (runner or local_shards)(todo, work, workers, advance, stop or _never):
             records[record.name] = record
+    left = sum(job.name not in records for job in jobs)
+    if left:
+        raise PrepareStopped(f"prepare of {out} stopped on request with {left} of {len(jobs)} shards left; the "
+                             "finished ones are kept, and the same command builds the rest")
     done = [records[job.name] for job in jobs]
     shards = {split: [r.shard for job, r in zip(jobs, done) if job.split == split and r.shard] for split in SPLITS}
     skipped = list(source.skipped) + [s for r in done for s in r.skipped]
@@ -398,11 +410,18 @@ def _report(out: str, manifest: Manifest, reused: bool, elapsed: float) -> Prepa
 
 
 # ----------------------------------------------------------------------------------------- building shards
-def local_shards(jobs: list[ShardJob], work: ShardWork, workers: int, progress: Progress) -> Iterator[ShardRecord]:
+def _never() -> bool:
+    return False
+
+
+def local_shards(jobs: list[ShardJob], work: ShardWork, workers: int, progress: Progress,
+                 stop: Callable[[], bool] = _never) -> Iterator[ShardRecord]:
     """The default runner: builds the shards in order in this process, decoding in `workers` local processes (in
-    this process alone when workers == 1 or there are few inputs)."""
+    this process alone when workers == 1 or there are few inputs); returns early once `stop()` is True."""
     if workers == 1 or sum(len(job.items) for job in jobs) < 64:
         for job in jobs:
+            if stop():
+                return
             yield build_shard(job, work, progress)
         return
     tasks = ((item, work) for job in jobs for item in job.items)
@@ -411,6 +430,8 @@ def local_shards(jobs: list[ShardJob], work: ShardWork, workers: int, progress: 
                                                    initargs=(storage.env_for_workers(),)) as pool:
         results = pool.imap(_encode_task, tasks, chunksize=16)
         for job in jobs:
+            if stop():  # leaving the pool's block ends its processes, whatever they had decoded ahead
+                return
             yield write_shard(job, work, itertools.islice(results, len(job.items)), progress)
 
 

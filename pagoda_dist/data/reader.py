@@ -11,8 +11,10 @@ Order: `order.SampleOrder` maps stream positions to samples as a pure function o
 world size); every rank gets the same number of samples per epoch, whatever the shard sizes, so a distributed job
 never waits on a rank that ran dry. Batch k of a rank is positions [start + k*B, start + (k+1)*B) and is built
 by DataLoader worker k mod num_workers; the DataLoader hands batches back in k order, so the stream does not depend
-on the number of workers. The state is the position after the last batch *yielded to the caller* (batches the
-DataLoader prefetched but the caller never saw are read again after a resume, never skipped).
+on the number of workers, and neither do the caller's random numbers (see `StreamingReader.loader_seed`). The
+state is the position after the last batch *yielded to the caller* (batches the DataLoader prefetched but the
+caller never saw are read again after a resume, never skipped). A stream resumed on another world size keeps the
+layout it started with (`order.Layout`): its positions then index the rank's share of the same global batches.
 
 I/O: samples are fetched a chunk (<= chunk_size consecutive samples of one shard) at a time with one range read
 through `storage.read_bytes` (which retries transient S3 failures), using the per-shard byte index written with
@@ -43,15 +45,17 @@ from pagoda_dist import storage
 from pagoda_dist.config import Config, LoaderPriority, ModelConfig
 from pagoda_dist.data.imaging import UnreadableImage, decode_image
 from pagoda_dist.data.manifest import Manifest, read_manifest
-from pagoda_dist.data.order import SampleOrder, hash64
+from pagoda_dist.data.order import Layout, SampleOrder, hash64
 from pagoda_dist.data.samples import CorruptSample, Sample
-from pagoda_dist.data.shards import ShardIndex, decode_members, read_index
+from pagoda_dist.data.shards import Decoder, ShardIndex, read_index
 from pagoda_dist.data.tensors import to_tensor
+from pagoda_dist.data.wds_source import sample_decoder, tar_root
 from pagoda_dist.interfaces import Batch, Condition, StageInputs
 
 ConditionMode = Literal["auto", "class", "text", "none"]
 MAX_REPLACEMENTS = 256  # consecutive corrupt samples tolerated before the data is declared broken
 RECENT_CORRUPT = 100
+GAN_REALS_SALT = 0x6A5  # salts the second stream's seed (`gan_reals_seed`)
 
 
 @dataclass
@@ -66,7 +70,8 @@ class LoaderBatch(Batch):
 
     def to(self, device: torch.device | str) -> LoaderBatch:
         moved = Batch.to(self, device)
-        return replace(self, image=moved.image, condition=moved.condition, latent=moved.latent)
+        return replace(self, image=moved.image, condition=moved.condition, latent=moved.latent,
+                       gan_real=moved.gan_real)
 
     def pin_memory(self) -> LoaderBatch:
         """Page-locked copies (DataLoader(pin_memory=True) calls this) for fast, asynchronous GPU copies."""
@@ -80,7 +85,9 @@ class LoaderBatch(Batch):
 class StreamSpec:
     """Everything a DataLoader worker needs to rebuild the stream (plain data, picklable)."""
 
-    url: str
+    url: str                   # the committed folder: manifest and per-shard indexes
+    tar_url: str               # the folder of the shard tars: `url`, or indexed WebDataset shards' own (wds_source)
+    decode: Decoder            # one sample's bytes -> Sample, in the tars' layout (ours or img2dataset's)
     shards: tuple[str, ...]
     counts: tuple[int, ...]
     channels: int
@@ -92,6 +99,7 @@ class StreamSpec:
     world_size: int
     chunk_size: int
     shuffle_window: int
+    layout: Layout             # the world size the stream was laid out for, and the global batch (order.Layout)
     start: int                 # stream position of the first batch
     classes: bool              # produce class labels (and treat a missing one as corrupt)
     text: bool                 # produce text embeddings from emb/tok/mask arrays when present
@@ -101,7 +109,14 @@ class StreamSpec:
     io_threads: int
 
     def order(self) -> SampleOrder:
-        return SampleOrder(self.counts, self.seed, self.rank, self.world_size, self.chunk_size, self.shuffle_window)
+        """The order of the layout's rank streams (this rank reads positions of them through `locate`)."""
+        return SampleOrder(self.counts, self.seed, 0, self.layout.world_size, self.chunk_size, self.shuffle_window)
+
+    def locate(self, order: SampleOrder, k: int) -> np.ndarray:
+        """(batch_size, 4) rows (layout rank, position in its stream, shard, index in shard) of batch k after start."""
+        consumed = self.start + k * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
+        ranks, positions = self.layout.positions(self.rank, self.world_size, consumed)
+        return np.concatenate([np.stack([ranks, positions], axis=1), order.locate_ranks(ranks, positions)], axis=1)
 
 
 @dataclass
@@ -126,7 +141,7 @@ class _ChunkFetcher:
         self.chunks: dict[tuple[int, int], Future[tuple[memoryview, int, ShardIndex]]] = {}
 
     def _shard_url(self, shard: int) -> str:
-        return storage.join(self.spec.url, self.spec.shards[shard])
+        return storage.join(self.spec.tar_url, self.spec.shards[shard])
 
     def _read(self, shard: int, start: int, length: int) -> tuple[memoryview, int, ShardIndex]:
         index = self.indexes[shard].result()  # submitted before this chunk, so never stuck behind it
@@ -140,14 +155,14 @@ class _ChunkFetcher:
         shard, start, length = chunk
         if (shard, start) not in self.chunks:
             if shard not in self.indexes:  # queued before the chunk: a chunk's thread never waits on a queued index
-                self.indexes[shard] = self.pool.submit(read_index, self._shard_url(shard))
+                self.indexes[shard] = self.pool.submit(read_index, storage.join(self.spec.url, self.spec.shards[shard]))
             self.chunks[(shard, start)] = self.pool.submit(self._read, shard, start, length)
 
     def sample(self, chunk: tuple[int, int, int], index_in_shard: int) -> Sample | CorruptSample:
         self.request(chunk)
         blob, base, index = self.chunks[chunk[:2]].result()
         lo, hi = int(index.offsets[index_in_shard]) - base, int(index.offsets[index_in_shard + 1]) - base
-        return decode_members(blob[lo:hi], index.key(index_in_shard))
+        return self.spec.decode(blob[lo:hi], index.key(index_in_shard))
 
     def keep_only(self, needed: set[tuple[int, int]]) -> None:
         for key in [k for k in self.chunks if k not in needed]:
@@ -193,29 +208,29 @@ class RankStream(IterableDataset):
         try:
             while True:
                 while len(planned) < 1 + spec.prefetch_batches:  # plan ahead: its chunks download meanwhile
-                    positions = spec.start + np.arange(k * spec.batch_size, (k + 1) * spec.batch_size)
-                    locations = order.locate(positions)
-                    for shard, idx in locations.tolist():
+                    rows = spec.locate(order, k)
+                    for shard, idx in rows[:, 2:].tolist():
                         fetcher.request(order.chunk_of(shard, idx))
-                    planned.append((k, locations))
+                    planned.append((k, rows))
                     k += workers
-                batch_k, locations = planned.popleft()
-                yield self._build(batch_k, locations, order, fetcher)
-                fetcher.keep_only({order.chunk_of(s, i)[:2] for _, loc in planned for s, i in loc.tolist()})
+                batch_k, rows = planned.popleft()
+                yield self._build(batch_k, rows, order, fetcher)
+                fetcher.keep_only({order.chunk_of(s, i)[:2] for _, loc in planned for s, i in loc[:, 2:].tolist()})
         finally:
             fetcher.close()
 
-    def _build(self, k: int, locations: np.ndarray, order: SampleOrder, fetcher: _ChunkFetcher) -> LoaderBatch:
+    def _build(self, k: int, rows: np.ndarray, order: SampleOrder, fetcher: _ChunkFetcher) -> LoaderBatch:
+        """Batch k from its `RankStream.locate` rows (layout rank, position in its stream, shard, index)."""
         spec = self.spec
         first = spec.start + k * spec.batch_size
         decoded, corrupt_keys = [], []
-        for j, (shard, idx) in enumerate(locations.tolist()):
+        for rank, position, shard, idx in rows.tolist():
             item = self._decode(fetcher, order, shard, idx)
             if isinstance(item, CorruptSample):
                 corrupt_keys.append(str(item))
-                item = self._replacement(fetcher, order, first + j)
+                item = self._replacement(fetcher, order, rank, position)
             decoded.append(item)
-        epochs = (first + np.arange(len(decoded))) // order.samples_per_epoch
+        epochs = rows[:, 1] // order.samples_per_epoch
         flips = self._flips(decoded, epochs) if spec.hflip else [False] * len(decoded)
         image = to_tensor([d.pixels[:, ::-1] if f else d.pixels for d, f in zip(decoded, flips)], spec.resolution)
         latent = None
@@ -249,13 +264,13 @@ class RankStream(IterableDataset):
         uid = self.first_index[shard] + idx
         return _Decoded(ref, uid, pixels, sample.cls, sample.caption, sample.arrays)
 
-    def _replacement(self, fetcher: _ChunkFetcher, order: SampleOrder, position: int) -> _Decoded:
-        """The next valid sample after `position` in the rank's order, wrapping within the epoch."""
+    def _replacement(self, fetcher: _ChunkFetcher, order: SampleOrder, rank: int, position: int) -> _Decoded:
+        """The next valid sample after `position` in layout rank `rank`'s order, wrapping within the epoch."""
         m = order.samples_per_epoch
         epoch_start = position - position % m
         for step in range(1, min(MAX_REPLACEMENTS, m) + 1):
             candidate = epoch_start + (position - epoch_start + step) % m
-            (shard, idx), = order.locate(np.array([candidate])).tolist()
+            (shard, idx), = order.locate_ranks(np.array([rank]), np.array([candidate])).tolist()
             item = self._decode(fetcher, order, shard, idx)
             if not isinstance(item, CorruptSample):
                 return item
@@ -288,13 +303,17 @@ class StreamingReader:
                  shuffle_window: int = 1024, chunk_size: int | None = None, condition: ConditionMode = "auto",
                  needs_latents: bool = False, hflip: bool = False, prefetch_batches: int = 2,
                  io_threads: int = 4, pin_memory: bool = False, loader_priority: LoaderPriority = "normal",
-                 manifest: Manifest | None = None) -> None:
+                 manifest: Manifest | None = None, draw_loader_seed: bool = False,
+                 global_batch: int | None = None) -> None:
         """url: committed shard folder; resolution: output side (None: as stored; lower: box-downsampled);
         rank / world_size: this rank's share; num_workers: DataLoader processes (0: in this process);
         shuffle_window: samples permuted together (data.shuffle_buffer); chunk_size: samples per range read
         (default shuffle_window // 4); condition: which labels to produce ("auto": whatever the data has);
         needs_latents: read latent-pair shards; hflip: random horizontal flips (with latent_flip for pairs);
-        loader_priority: "idle" lowers the DataLoader workers to the idle scheduling class (data.loader_priority).
+        loader_priority: "idle" lowers the DataLoader workers to the idle scheduling class (data.loader_priority);
+        draw_loader_seed: draw the loader's seed from torch's global RNG even without worker processes (a training
+        stream: see `loader_seed`); global_batch: samples per optimizer step over all ranks (default batch_size x
+        world_size): a stream resumed on another world size continues with the same global batches (order.Layout).
         """
         self.url = url.rstrip("/")
         self.manifest = manifest if manifest is not None else read_manifest(self.url)
@@ -305,6 +324,12 @@ class StreamingReader:
             raise ValueError(f"{url} stores {stored}px images; {resolution}px needs data prepared at >= {resolution}")
         if batch_size < 1 or num_workers < 0 or prefetch_batches < 0 or io_threads < 1:
             raise ValueError("batch_size and io_threads must be >= 1, num_workers and prefetch_batches >= 0")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside world size {world_size}")
+        global_batch = batch_size * world_size if global_batch is None else global_batch
+        if global_batch % (batch_size * world_size):
+            raise ValueError(f"a global batch of {global_batch} is not a whole number of {world_size} ranks x "
+                             f"batches of {batch_size}")
         if needs_latents and self.manifest.kind != "latent-pairs":
             raise ValueError(f"{url} holds {self.manifest.kind} shards; latents need the latent-pair shards "
                              "written by `pagoda precompute`")
@@ -314,24 +339,33 @@ class StreamingReader:
             chunk_size = max(1, shuffle_window // 4)
         self.split, self.batch_size, self.num_workers, self.pin_memory = split, batch_size, num_workers, pin_memory
         self.loader_priority = loader_priority
+        # The DataLoader's own seed (its workers' base seed). torch's DataLoader draws it from the global RNG each
+        # time it starts, so a training step's noise depended on the worker count (0 workers: no draw) and on
+        # whether the stream had been restarted by a resume. It is drawn here instead, exactly as torch did (so
+        # runs with loader workers keep their numbers), once per stream, and travels in the state: a resumed
+        # stream does not draw again. `draw_loader_seed` draws it without workers too.
+        self.loader_seed: int | None = None
+        self.draw_loader_seed = draw_loader_seed
         self.position = 0
         self.corrupt_count = 0
         self.corrupt_keys: collections.deque[str] = collections.deque(maxlen=RECENT_CORRUPT)
         self._spec = StreamSpec(
-            url=self.url, shards=tuple(s.name for s in shards), counts=tuple(s.count for s in shards),
+            url=self.url, tar_url=tar_root(self.manifest, self.url), decode=sample_decoder(self.manifest),
+            shards=tuple(s.name for s in shards), counts=tuple(s.count for s in shards),
             channels=self.manifest.channels, stored_resolution=stored, resolution=resolution,
             batch_size=batch_size, seed=seed, rank=rank, world_size=world_size, chunk_size=chunk_size,
-            shuffle_window=shuffle_window, start=0,
+            shuffle_window=shuffle_window, layout=Layout(world_size, global_batch), start=0,
             classes=condition in ("auto", "class") and bool(self.manifest.class_names),
             text=condition in ("auto", "text"), latents=needs_latents, hflip=hflip,
             prefetch_batches=prefetch_batches, io_threads=io_threads)
-        self.order = self._spec.order()  # validates rank / world size against the sample count
+        self.order = self._spec.order()  # validates the world size against the sample count
 
     # ------------------------------------------------------------------------------------------ properties
     @property
     def samples_per_epoch(self) -> int:
-        """Samples each rank sees per epoch (the same on every rank)."""
-        return self.order.samples_per_epoch
+        """Samples each rank sees per epoch (the same on every rank; after a resume on another world size, the
+        layout's epochs are shared out anew, rounded down)."""
+        return self.order.samples_per_epoch * self._spec.layout.world_size // self._spec.world_size
 
     @property
     def batches_per_epoch(self) -> float:
@@ -349,10 +383,13 @@ class StreamingReader:
     def __iter__(self) -> Iterator[LoaderBatch]:
         dataset = self.stream()
         if self.num_workers == 0:
+            if self.draw_loader_seed:
+                self._draw_loader_seed()
             source: Any = iter(dataset)
         else:
             loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2,
                                 persistent_workers=False, pin_memory=self.pin_memory,
+                                generator=torch.Generator().manual_seed(self._draw_loader_seed()),
                                 worker_init_fn=lower_to_idle_priority if self.loader_priority == "idle" else None)
             source = iter(loader)
         try:
@@ -369,14 +406,21 @@ class StreamingReader:
         finally:
             del source  # stops the DataLoader workers now, not at garbage collection
 
+    def _draw_loader_seed(self) -> int:
+        """The stream's loader seed, drawn from torch's global RNG the first time (one int64, as DataLoader does)."""
+        if self.loader_seed is None:
+            self.loader_seed = int(torch.empty((), dtype=torch.int64).random_().item())
+        return self.loader_seed
+
     # ------------------------------------------------------------------------------------------ checkpoint
     def state_dict(self) -> dict[str, Any]:
         """The rank's position and what it is relative to; equal on every rank, so rank 0's copy serves all."""
         s = self._spec
         return {"position": self.position, "samples_per_epoch": self.samples_per_epoch,
-                "world_size": s.world_size, "seed": s.seed, "split": self.split,
+                "world_size": s.world_size, "layout_world_size": s.layout.world_size,
+                "global_batch": s.layout.global_batch, "seed": s.seed, "split": self.split,
                 "dataset": self.manifest.fingerprint, "shuffle_window": s.shuffle_window,
-                "chunk_size": s.chunk_size, "corrupt_count": self.corrupt_count}
+                "chunk_size": s.chunk_size, "corrupt_count": self.corrupt_count, "loader_seed": self.loader_seed}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continues from a saved position; refuses state it cannot honour exactly (and says why)."""
@@ -387,15 +431,31 @@ class StreamingReader:
         if changed:
             raise ValueError("the saved data position belongs to a different data stream (" + ", ".join(changed)
                              + "); resume with the same dataset and data settings, or start the data stream anew")
-        position, per_epoch = int(state["position"]), int(state["samples_per_epoch"])
-        if state["world_size"] != s.world_size:
-            if position % per_epoch:
-                raise ValueError(f"the data position was saved with world size {state['world_size']} in the middle "
-                                 f"of epoch {position // per_epoch}; resume with that world size (the order of a "
-                                 "partial epoch cannot be carried to another number of ranks)")
-            position = position // per_epoch * self.samples_per_epoch  # the next epoch starts afresh on any world
-        self.position = position
+        position, saved_world = int(state["position"]), int(state["world_size"])
+        layout = Layout(int(state.get("layout_world_size", saved_world)), s.layout.global_batch)
         self.corrupt_count = int(state.get("corrupt_count", 0))
+        if layout.world_size != s.world_size or saved_world != s.world_size:
+            # The stream's global batches carry over to another world size only at a step boundary and only if
+            # they stay the same size (the saved state says how large they were).
+            saved_batch = state.get("global_batch")
+            if saved_batch is None:
+                raise ValueError(f"the data position was saved with world size {saved_world} without its global "
+                                 "batch (an older checkpoint); resume with that world size")
+            if saved_batch != layout.global_batch:
+                raise ValueError(f"the data stream was laid out for a global batch of {saved_batch} samples, this run "
+                                 f"has {layout.global_batch}; resume with that batch size")
+            share = layout.global_batch // saved_world
+            if position % share:
+                raise ValueError(f"the data position {position} was saved with world size {saved_world} in the middle "
+                                 f"of a step ({share} samples per rank); resume with that world size")
+            position = position // share * (layout.global_batch // s.world_size)
+            if s.rank >= saved_world:
+                self.corrupt_count = 0  # a rank new to the run (the counts of the saved ranks stay with them)
+        self._spec = replace(s, layout=layout)
+        self.order = self._spec.order()
+        self.position = position
+        # A state saved before loader seeds were kept comes from a stream that drew one when it started.
+        self.loader_seed = state.get("loader_seed", s.seed)
 
 
 def condition_mode(model: ModelConfig) -> ConditionMode:
@@ -404,16 +464,27 @@ def condition_mode(model: ModelConfig) -> ConditionMode:
 
 
 def reader_for(cfg: Config, inputs: StageInputs, *, batch_size: int, rank: int = 0, world_size: int = 1,
-               split: str = "train") -> StreamingReader:
+               split: str = "train", global_batch: int | None = None, gan_reals: bool = False) -> StreamingReader:
     """The reader a training stage needs, from the run config: image shards, or latent pairs when the stage
-    `needs_latents`; the condition the model is built for; the stage's resolution; data.* loader settings.
-    Training splits are mirrored as data.hflip says: latent pairs under pairs and all, image shards under all."""
+    `needs_latents`; the condition the model is built for; the stage's resolution; data.* loader settings; a loader
+    seed drawn from torch's RNG whatever data.loader_workers is, so a stage's random numbers do not depend on it.
+    Training splits are mirrored as data.hflip says: latent pairs under pairs and all, image shards under all.
+
+    gan_reals: the stage's second stream (StageInputs.gan_reals): the same shards and flips without latents, in an
+    order of its own (a seed derived from the run's), so the discriminator's reals are not the reconstruction's."""
     flips = cfg.data.hflip == "all" or (cfg.data.hflip == "pairs" and inputs.needs_latents)
+    seed = gan_reals_seed(cfg.run.seed) if gan_reals else cfg.run.seed
     return StreamingReader(
         cfg.pairs_url if inputs.needs_latents else cfg.shards_url, batch_size=batch_size, split=split,
         resolution=inputs.resolution, rank=rank, world_size=world_size, num_workers=cfg.data.loader_workers,
-        seed=cfg.run.seed, shuffle_window=cfg.data.shuffle_buffer, condition=condition_mode(cfg.model),
-        needs_latents=inputs.needs_latents, hflip=flips and split == "train", loader_priority=cfg.data.loader_priority)
+        seed=seed, shuffle_window=cfg.data.shuffle_buffer, condition=condition_mode(cfg.model),
+        needs_latents=inputs.needs_latents and not gan_reals, hflip=flips and split == "train",
+        loader_priority=cfg.data.loader_priority, draw_loader_seed=True, global_batch=global_batch)
+
+
+def gan_reals_seed(seed: int) -> int:
+    """The order seed of a stage's second (discriminator) stream: a hash of the run seed, never the seed itself."""
+    return int(hash64((seed, GAN_REALS_SALT), np.zeros(1, dtype=np.uint64))[0] >> 1)
 
 
 def load_images(url: str, *, count: int, split: str = "val", resolution: int | None = None, seed: int = 0,

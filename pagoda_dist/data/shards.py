@@ -206,35 +206,52 @@ def parse_members(buf: bytes | memoryview) -> list[tuple[str, bytes]]:
         header = bytes(view[pos:pos + _BLOCK])
         if header == _ZERO_BLOCK:
             break
-        try:  # checksum first: a damaged header then reads as damaged, whatever field the damage hit
-            stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
-        except ValueError:
-            stored = -1
-        if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
-            raise CorruptSample(f"tar header checksum mismatch at byte {pos}")
-        try:
-            size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
-            name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
-            prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
-        except (ValueError, UnicodeDecodeError) as err:
-            raise CorruptSample(f"unreadable tar header at byte {pos} ({err})") from None
+        name, size, regular = parse_header(header, pos)
         pos += _BLOCK
         if pos + size > len(view):
             raise CorruptSample(f"member {name!r} is truncated ({size} bytes announced, {len(view) - pos} left)")
-        if header[156:157] in (b"0", b"\0"):
-            out.append((f"{prefix}/{name}" if prefix else name, view[pos:pos + size].tobytes()))
-        pos += -(-size // _BLOCK) * _BLOCK
+        if regular:
+            out.append((name, view[pos:pos + size].tobytes()))
+        pos += padded(size)
     return out
 
 
-def read_samples(shard_url: str, index: ShardIndex, start: int, stop: int) -> list[Sample | CorruptSample]:
-    """Samples [start, stop) of a shard with ONE range read; a corrupt sample comes back as its CorruptSample."""
+def parse_header(header: bytes, pos: int) -> tuple[str, int, bool]:
+    """(name, data size, is a regular file) of one 512-byte tar header at byte `pos`; CorruptSample when damaged."""
+    try:  # checksum first: a damaged header then reads as damaged, whatever field the damage hit
+        stored = int(header[148:156].split(b"\0", 1)[0].strip() or b"0", 8)
+    except ValueError:
+        stored = -1
+    if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+        raise CorruptSample(f"tar header checksum mismatch at byte {pos}")
+    try:
+        size = int(header[124:136].split(b"\0", 1)[0].strip() or b"0", 8)
+        name = header[0:100].split(b"\0", 1)[0].decode("utf-8")
+        prefix = header[345:500].split(b"\0", 1)[0].decode("utf-8") if header[257:262] == b"ustar" else ""
+    except (ValueError, UnicodeDecodeError) as err:
+        raise CorruptSample(f"unreadable tar header at byte {pos} ({err})") from None
+    return (f"{prefix}/{name}" if prefix else name), size, header[156:157] in (b"0", b"\0")
+
+
+def padded(size: int) -> int:
+    """Bytes a member's data takes in a tar: whole 512-byte blocks."""
+    return -(-size // _BLOCK) * _BLOCK
+
+
+Decoder = Callable[[bytes | memoryview, str], Sample | CorruptSample]  # one sample's bytes, its key -> sample
+
+
+def read_samples(shard_url: str, index: ShardIndex, start: int, stop: int,
+                 decode: Decoder | None = None) -> list[Sample | CorruptSample]:
+    """Samples [start, stop) of a shard with ONE range read; a corrupt sample comes back as its CorruptSample.
+    `decode` reads another tar layout (default: `decode_members`, ours)."""
+    decode = decode or decode_members
     base = int(index.offsets[start])
     blob = memoryview(storage.read_bytes(shard_url, base, int(index.offsets[stop])))
     out: list[Sample | CorruptSample] = []
     for i in range(start, stop):
         lo, hi = int(index.offsets[i]) - base, int(index.offsets[i + 1]) - base
-        out.append(decode_members(blob[lo:hi], index.key(i)))
+        out.append(decode(blob[lo:hi], index.key(i)))
     return out
 
 
@@ -249,13 +266,16 @@ def decode_members(blob: bytes | memoryview, key: str) -> Sample | CorruptSample
     return sample
 
 
-def iter_shard(shard_url: str, on_corrupt: Callable[[str, str], None] | None = None) -> Iterator[Sample]:
+def iter_shard(shard_url: str, on_corrupt: Callable[[str, str], None] | None = None, *, tar_url: str | None = None,
+               decode: Decoder | None = None) -> Iterator[Sample]:
     """Every sample of a shard in order (one read of the whole tar, split by its index).
 
-    Corrupt samples are passed to `on_corrupt(key, reason)` and left out; without a callback they raise.
+    Corrupt samples are passed to `on_corrupt(key, reason)` and left out; without a callback they raise. The
+    index lies beside `shard_url`; `tar_url` and `decode`: a tar kept elsewhere, in another layout (indexed
+    WebDataset shards, see `wds_source`).
     """
     index = read_index(shard_url)
-    for i, item in enumerate(read_samples(shard_url, index, 0, len(index))):
+    for i, item in enumerate(read_samples(tar_url or shard_url, index, 0, len(index), decode)):
         key = index.key(i)
         if isinstance(item, CorruptSample):
             if on_corrupt is None:

@@ -10,6 +10,9 @@ Layouts (`kind`, or detected by `auto`):
 - captions: images with a same-stem `.txt` caption beside them, or a JSONL manifest of
             {"image": path relative to the JSONL file (or a full URL), "caption": text} (SRC is the .jsonl file).
 - builtin:NAME: a dataset built from installed packages (see `builtin.py`).
+- webdataset: existing WebDataset .tar shards (img2dataset's KEY.jpg + KEY.txt + KEY.json), a folder/prefix of
+            them or a brace pattern (`s3://b/laion/{00000..00127}.tar`); one item per shard. They are indexed in
+            place by `wds_source`, never re-sharded (never detected by `auto`: name the kind).
 
 Enumeration only lists files (and reads caption files); decoding happens later in the prepare workers, where
 corrupt or non-image files are caught, counted and reported. Problems visible here (a missing caption, a bad
@@ -21,6 +24,7 @@ import hashlib
 import json
 import os
 import posixpath
+import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -33,7 +37,7 @@ from pagoda_dist import storage
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 # Files that describe a dataset rather than being part of it: never treated as (non-)image inputs.
 SIDECAR_SUFFIXES = {".txt", ".json", ".jsonl", ".csv", ".md"}
-KINDS = ("auto", "folder", "classes", "captions")
+KINDS = ("auto", "folder", "classes", "captions", "webdataset")
 SOURCE_HINT = ("pass an image folder, a class-per-subfolder tree, a captioned folder or a .jsonl manifest (a local "
                "path or an s3:// URL), or builtin:photo-tiles / builtin:fashion-mnist")
 READ_THREADS = 32  # concurrent caption reads from an object store (each is one small GET)
@@ -81,6 +85,8 @@ def open_source(src: str, kind: str = "auto") -> Source:
     unusable (storage failures such as a missing bucket or refused credentials raise their StorageError)."""
     if kind not in KINDS:
         raise SourceError(f"source kind {kind!r} is not one of {KINDS}")
+    if kind == "webdataset":
+        return _webdataset(src)
     if storage.is_remote(src):
         return _open_remote(src, kind)
     root = Path(src[len("file://"):] if src.startswith("file://") else src).expanduser()
@@ -322,3 +328,49 @@ def _jsonl(where: str, name: str, raw: bytes, locate: Locator) -> Source:
     if not items and not skipped:
         raise SourceError(f"SRC {where}: the JSONL manifest lists no samples")
     return Source("captions", items, skipped=skipped, digest=digest_of(entries))
+
+
+# --------------------------------------------------------------------------------- existing WebDataset shards
+def expand_braces(pattern: str) -> list[str]:
+    """The shard names of a webdataset/img2dataset brace pattern: `{000..002}` is a zero-padded range, `{a,b}` a
+    list; several braces multiply out, left to right."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if match is None:
+        return [pattern]
+    body = match.group(1)
+    bounds = re.fullmatch(r"(\d+)\.\.(\d+)", body)
+    if bounds:
+        lo, hi = bounds.groups()
+        choices = [str(i).zfill(len(lo)) for i in range(int(lo), int(hi) + 1)]
+    else:
+        choices = body.split(",")
+    head, tail = pattern[:match.start()], pattern[match.end():]
+    return [name for choice in choices for name in expand_braces(head + choice + tail)]
+
+
+def _webdataset(src: str) -> Source:
+    """One item per .tar shard (name relative to the shards' folder, path its URL), in input order."""
+    hint = "pass a folder or s3:// prefix of .tar shards, or a brace pattern like s3://bucket/d/{00000..00099}.tar"
+    if "{" in src:
+        base = src[: src.index("{")].rsplit("/", 1)[0]
+        names = [url[len(base) + 1:] for url in expand_braces(src)]
+    else:
+        base, names = src.rstrip("/"), None
+    if storage.is_remote(base):
+        listing = storage.list_files(base)
+    else:
+        root = Path(base.removeprefix("file://")).expanduser()
+        if not root.is_dir():
+            raise SourceError(f"SRC {src}: {root} is not a folder; {hint}")
+        listing = _local_tree(root).files  # .tar is never a sidecar
+    if names is None:
+        names = sorted((rel for rel in listing if rel.endswith(".tar") and not _is_sidecar(rel)), key=_input_order)
+        if not names:
+            raise SourceError(f"SRC {src} holds no .tar shards; {hint}")
+    missing = [name for name in names if name not in listing]
+    if missing:
+        raise SourceError(f"SRC {src}: {len(missing)} shard(s) of the pattern do not exist, e.g. "
+                          f"{storage.join(base, missing[0])}; fix the pattern's range")
+    tree = _Tree(base, {}, {}, [])  # for its path rule: names joined to the shards' folder, local or remote
+    items = [SourceItem(name=name, path=tree.path(name), group=name) for name in names]
+    return Source("webdataset", items, digest=digest_of([(name, listing[name]) for name in names]))

@@ -17,9 +17,21 @@ from .edm import (
     sample_training_sigmas,
 )
 from .guidance import ClassifierFreeGuidance, concat_conditions
-from .ode import SOLVERS, ODEResult, ddim_step, euler_step, heun_step, integrate, invert, sample
+from .ode import (
+    SOLVERS,
+    Churn,
+    ODEResult,
+    ddim_step,
+    euler_step,
+    heun_step,
+    integrate,
+    invert,
+    per_sample_normal,
+    sample,
+)
 
 __all__ = [
+    "Churn",
     "ClassifierFreeGuidance",
     "Denoiser",
     "EDMPrecond",
@@ -41,6 +53,7 @@ __all__ = [
     "integrate",
     "invert",
     "karras_sigmas",
+    "per_sample_normal",
     "per_sample_sigma",
     "sample",
     "sample_training_sigmas",

@@ -85,8 +85,9 @@ def generator_output(
     """PaGoDA's one-step generator G(z, cond) = F(c_in(sigma_max) z, c_noise(sigma_max), cond).
 
     `z` lives at noise level sigma_max (sigma_max * eps, or a latent from `invert`), not unit noise. This is the raw
-    network output with no skip mixing: at sigma_max, c_skip ~ 4e-5 and c_out ~ sigma_data, so the teacher's own
-    denoiser is nearly this already, and a student initialised from the teacher's `net` starts close to it.
+    network output with no skip mixing. It is not the teacher's denoiser at sigma_max: there c_skip ~ 4e-5 and
+    c_out ~ sigma_data = 0.5, so D ~ 0.5 F: a student initialised from the teacher's `net` starts at about twice the
+    teacher's posterior mean E[x0 | z] (F's training target there is (x0 - c_skip z) / c_out ~ 2 x0), not at D.
     """
     c = edm_preconditioning(per_sample_sigma(sigma_max, z), sigma_data)
     return net(c.c_in * z, c.c_noise.flatten(), cond)

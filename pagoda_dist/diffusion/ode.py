@@ -6,6 +6,7 @@ over noise levels. Gradients are not disabled here: wrap calls in `torch.no_grad
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -66,6 +67,44 @@ class ODEResult:
     network_evals: int
 
 
+@dataclass(frozen=True)
+class Churn:
+    """EDM's stochastic sampler (Karras et al. 2022, Algorithm 2): before each step from sigma with
+    churn_min <= sigma <= churn_max, raise the noise level to sigma_hat = (1 + gamma) sigma, gamma =
+    min(amount / steps, sqrt(2) - 1), by adding fresh noise of std sqrt(sigma_hat^2 - sigma^2) x noise_scale.
+
+    normal(x) draws the fresh noise like x (torch.randn_like; `per_sample_normal` makes it a function of per-sample
+    seeds, so a sample does not depend on its batch).
+    """
+
+    amount: float
+    churn_min: float = 0.0
+    churn_max: float = float("inf")
+    noise_scale: float = 1.0
+    normal: Callable[[Tensor], Tensor] = torch.randn_like
+
+    def __call__(self, x: Tensor, sigma: float, steps: int) -> tuple[Tensor, float]:
+        if not self.churn_min <= sigma <= self.churn_max:
+            return x, sigma
+        sigma_hat = sigma * (1 + min(self.amount / steps, math.sqrt(2) - 1))
+        return x + math.sqrt(sigma_hat**2 - sigma**2) * self.noise_scale * self.normal(x), sigma_hat
+
+
+def per_sample_normal(seeds: list[int]) -> Callable[[Tensor], Tensor]:
+    """x -> standard normal noise like x whose row i comes from a generator seeded with seeds[i] (each call draws
+    the next values of every row's own stream), as EDM's StackedRandomGenerator."""
+    generators: dict[torch.device, list[torch.Generator]] = {}
+
+    def normal(x: Tensor) -> Tensor:
+        if x.shape[0] != len(seeds):
+            raise ValueError(f"per_sample_normal: {len(seeds)} seeds for a batch of {x.shape[0]}")
+        if x.device not in generators:
+            generators[x.device] = [torch.Generator(x.device).manual_seed(s) for s in seeds]
+        gens = generators[x.device]
+        return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in gens])
+    return normal
+
+
 def _grid(sigmas: Tensor) -> list[float]:
     """Validate a noise-level schedule: strictly monotone, positive except a final 0 of a descending grid."""
     if sigmas.ndim != 1 or sigmas.numel() < 2:
@@ -87,14 +126,19 @@ def integrate(
     *,
     solver: str = "heun",
     clamp: bool = False,
+    churn: Churn | None = None,
 ) -> ODEResult:
     """Integrate the PF-ODE from x at sigmas[0] through each of `sigmas` in turn (either direction).
 
     clamp: clip the denoiser output to [-1, 1] (images in [-1, 1]; the reference inverts with this on).
+    churn: EDM's stochastic sampler (descending grids, Euler or Heun); None or amount 0: deterministic.
     """
     if solver not in SOLVERS:
         raise ValueError(f"unknown solver {solver!r}; choose one of {sorted(SOLVERS)}")
     step, grid = SOLVERS[solver], _grid(sigmas)
+    churning = churn is not None and churn.amount > 0
+    if churning and (solver == "ddim" or grid[-1] > grid[0]):
+        raise ValueError("churn (EDM's stochastic sampler) needs a descending grid and the euler or heun solver")
     sigma_dtype = torch.promote_types(x.dtype, torch.float32)
     nfe = 0
 
@@ -106,6 +150,8 @@ def integrate(
         return d.clamp(-1, 1) if clamp else d
 
     for sigma, sigma_next in zip(grid[:-1], grid[1:]):
+        if churning:
+            x, sigma = churn(x, sigma, len(grid) - 1)
         x = step(denoise, x, sigma, sigma_next)
     return ODEResult(x=x, nfe=nfe, network_evals=nfe * getattr(denoiser, "passes_per_call", 1))
 
@@ -130,13 +176,14 @@ def sample(
     guidance: float | Tensor = 1.0,
     null_cond: Callable[[Any], Any] | None = None,
     clamp: bool = False,
+    churn: Churn | None = None,
 ) -> ODEResult:
     """Generate from unit Gaussian `noise`: start at sigma_max * noise, integrate down the `steps`-point Karras grid
     and a final step to 0 (EDM's num_steps; Heun costs 2 steps - 1 evaluations). `guidance` is the classifier-free
-    guidance scale, one for the batch or a (B,) tensor with one per sample."""
+    guidance scale, one for the batch or a (B,) tensor with one per sample. `churn`: EDM's stochastic sampler."""
     sigmas = karras_sigmas(steps, sigma_min, sigma_max, rho, append_zero=True)
     guided = _guided(denoiser, guidance, null_cond)
-    return integrate(guided, noise * sigma_max, sigmas, cond, solver=solver, clamp=clamp)
+    return integrate(guided, noise * sigma_max, sigmas, cond, solver=solver, clamp=clamp, churn=churn)
 
 
 def invert(
@@ -161,4 +208,5 @@ def invert(
     return integrate(guided, x0, sigmas, cond, solver=solver, clamp=clamp)
 
 
-__all__ = ["ODEResult", "SOLVERS", "ddim_step", "euler_step", "heun_step", "integrate", "invert", "sample"]
+__all__ = ["Churn", "ODEResult", "SOLVERS", "ddim_step", "euler_step", "heun_step", "integrate", "invert",
+           "per_sample_normal", "sample"]

@@ -5,7 +5,8 @@ and the stages' networks once and score slices (`slices.SliceScorer`): each read
 generates, and returns features, one Ray object per set. A slice goes to whichever actor is free, so a slow or
 late actor holds back no more than the slice it is on; an actor Ray cannot place is never given one. Then the actors
 go, and one-CPU tasks reduce each set's features to statistics and metrics next to the objects; the driver (on
-KubeRay a small head pod) receives only metric values and the sample-grid images.
+KubeRay a small head pod) receives only metric values and the sample-grid images. Each actor commits the slices it
+scores to storage (`SliceScorer`), or loads those an earlier evaluation of the plan committed.
 """
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ from typing import Any
 import ray
 import torch
 
-from pagoda_dist.eval.slices import Key, Plan, SliceScorer
+from pagoda_dist.eval.slices import Key, Plan, SliceScorer, stop_if_requested
+from pagoda_dist.runtime import preemption
 from pagoda_dist.runtime.ray_session import WorkerEnv, worker_env
 
 POLL_S = 1.0
@@ -62,9 +64,11 @@ class RayPool:
         todo = deque(range(len(plan.slices)))
         running: dict[Any, tuple[Any, int]] = {}  # first output of a slice -> (actor, slice)
         outputs: dict[int, list[Any]] = {}
-        last_work = time.monotonic()
+        last_work, finished = time.monotonic(), 0
         try:
             while todo or running:
+                if preemption.stop_requested():
+                    todo.clear()  # a stop hands out no new slice; those in flight commit, then it stops
                 while idle and todo:
                     a, index = idle.pop(), todo.popleft()
                     refs = a.score.options(num_returns=len(keys)).remote(index)
@@ -88,6 +92,9 @@ class RayPool:
                     else:
                         ray.get(ref)  # raises the slice's error
                         idle.append(running.pop(ref)[0])
+                        finished += 1
+            if finished < len(plan.slices):
+                stop_if_requested(finished, len(plan.slices))
         finally:
             for a in actors:  # frees their CPUs and GPUs for the reductions; their outputs stay in the object store
                 ray.kill(a)

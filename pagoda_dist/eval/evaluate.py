@@ -11,7 +11,9 @@ text-to-image runs with `eval.clip_weights`. Results go to RUN/eval/metrics.json
 RUN/eval/*.png.
 
 The work is cut into slices of image indices (`slices`): scored here one after another, or with eval.workers > 0 on
-a pool of Ray actors (`distributed`), with the same numbers either way.
+a pool of Ray actors (`distributed`), with the same numbers either way. Each slice is committed under RUN/eval/slices
+as it is scored, so an evaluation stopped on SIGTERM (exit 143) resumes where it stopped; the folder is deleted once
+metrics.json is written.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from pagoda_dist.eval.metrics import Reference, compare, reference
 from pagoda_dist.eval.slices import Executor, InProcess, assemble, grids, make_plan
 from pagoda_dist.eval.swd import PatchSampling
 from pagoda_dist.interfaces import Condition
+from pagoda_dist.runtime import preemption
 
 __all__ = ["HeldOut", "Scorer", "bicubic", "evaluate_run", "generate", "held_out", "load_network"]
 
@@ -101,7 +104,12 @@ def executor(cfg: Config) -> Iterator[Executor]:
 def evaluate_run(cfg: Config) -> dict[str, Any]:
     """Evaluates every committed stage of the run; writes RUN/eval/metrics.json and grids; returns the metrics."""
     plan = make_plan(cfg)
-    with executor(cfg) as ex:
+    kept = len(storage.committed_children(plan.slices_url)) if plan.slices_url else 0
+    if kept:
+        print(f"[evaluate] {kept} of {len(plan.slices)} slices committed by an earlier evaluation: loading them from "
+              f"{plan.slices_url}", flush=True)
+    # The handler goes in after the executor's ray.init, which installs its own: SIGTERM stops between slices.
+    with executor(cfg) as ex, preemption.stopping_on_sigterm(cfg.runtime.sigterm_grace_s):
         parts = ex.score_slices(plan)
         results = assemble(plan, parts, ex)
         images = grids(plan, parts, ex)
@@ -113,6 +121,7 @@ def evaluate_run(cfg: Config) -> dict[str, Any]:
                  else ""), flush=True)
     storage.write_bytes(storage.join(eval_url, "real.png"), save_grid(images["real"]))
     storage.write_bytes(storage.join(eval_url, "metrics.json"), json.dumps(results, indent=1).encode())
+    storage.remove(storage.join(eval_url, "slices"), recursive=True)  # with any older plan's slices
     return results
 
 

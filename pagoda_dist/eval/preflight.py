@@ -4,7 +4,8 @@ Evaluation reads `eval.num_images` held-out images as the real set (SWD and FID-
 sets, and standard FID's real side too unless `eval.reference_stats` names a file) plus `eval.floor_images` more for
 the real-vs-real floor. `pagoda run` calls `check_held_out` first: it counts the 'val' split of the latent pairs or
 image shards where they are committed, and otherwise predicts it from the source and `data.val_fraction`, so a
-run that could not be evaluated stops before hours of training rather than after.
+run that could not be evaluated stops before hours of training rather than after. WebDataset tars whose sample
+counts only the index's scan can tell defer the check (`HeldOutDeferred`) until `pagoda prepare` has indexed them.
 """
 from __future__ import annotations
 
@@ -12,6 +13,10 @@ from pagoda_dist import storage
 from pagoda_dist.config import Config, ConfigError
 
 BUILTIN_PREFIX = "builtin:"
+
+
+class HeldOutDeferred(Exception):
+    """The held-out split cannot be counted before the prepare step has run (the message says why)."""
 
 
 def held_out_needed(cfg: Config) -> int:
@@ -28,7 +33,8 @@ def shortfall(cfg: Config, have: int, where: str) -> str:
 
 
 def check_held_out(cfg: Config) -> str:
-    """Raises ConfigError (one line) when the held-out split is too small; returns what was checked."""
+    """Raises ConfigError (one line) when the held-out split is too small, HeldOutDeferred when it cannot be
+    counted before the prepare step; returns what was checked."""
     from pagoda_dist.data.manifest import ManifestError, read_manifest
 
     need = held_out_needed(cfg)
@@ -43,18 +49,26 @@ def check_held_out(cfg: Config) -> str:
     if not cfg.data.source:
         return "no prepared data and no data.source yet: the held-out split is checked when evaluation starts"
     have = predicted_val_count(cfg)
+    if have is None:
+        raise HeldOutDeferred(f"data.source {cfg.data.source}: its held-out tars have no img2dataset "
+                              "NNNNN_stats.json to count their samples, so they are counted once the prepare step "
+                              "has indexed them, and the run stops there if too few")
     if have < need:
         raise ConfigError(shortfall(cfg, have, f"data.source {cfg.data.source} is predicted to give a 'val' split of"))
     return f"about {have} held-out images predicted from {cfg.data.source} cover the {need} evaluation reads"
 
 
-def predicted_val_count(cfg: Config) -> int:
+def predicted_val_count(cfg: Config) -> int | None:
     """The size of the 'val' split `pagoda prepare` will make of data.source: exact for the builtins, which split
-    themselves; for other sources, which prepare splits by a hash of each group, the expected count."""
+    themselves, and for WebDataset tars with img2dataset's stats files (None without them: their items are tars,
+    not images); for other sources, which prepare splits by a hash of each group, the expected count."""
     from pagoda_dist.data import builtin
     from pagoda_dist.data.sources import open_source
+    from pagoda_dist.data.wds_source import listed_val_count
 
     d = cfg.data
+    if d.source_kind == "webdataset":
+        return listed_val_count(d.source, d.val_fraction)
     if d.source.startswith(BUILTIN_PREFIX):
         source = builtin.build(d.source[len(BUILTIN_PREFIX):], resolution=d.resolution, val_fraction=d.val_fraction,
                                seed=cfg.run.seed, limit=d.limit)

@@ -11,29 +11,45 @@ are the same for any number of workers. The reductions are the same code in this
 tasks; only the Frechet distances can differ between the two, by float rounding, as BLAS sums covariance products
 and LAPACK finds eigenvalues differently on another number of threads. With one slice (eval.num_images <=
 eval.images_per_task) every network runs on exactly the batches the earlier single-process evaluation used.
+
+Each slice's outputs are committed under the run (`Plan.slices_url`, named by a fingerprint of everything a slice's
+content depends on) by whoever scores it, as soon as it is scored; a later evaluation of the same plan loads them
+instead of scoring them again, so an evaluation stopped on SIGTERM resumes where it stopped, with the same numbers.
 """
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import logging
+import pickle
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from pagoda_dist import storage
 from pagoda_dist.chain import StageKind, chain
-from pagoda_dist.config import Config
+from pagoda_dist.config import Config, to_dict
 from pagoda_dist.data.tensors import downsample
 from pagoda_dist.eval.fid import FeatureStats
 from pagoda_dist.eval.inputs import bicubic, feature_nets, generate, load_export_network, read_held_out
-from pagoda_dist.eval.metrics import compare, reference
+from pagoda_dist.eval.metrics import SetFeatures, compare, reference
 from pagoda_dist.eval.swd import PatchSampling, descriptors
-from pagoda_dist.runtime import CheckpointStore
+from pagoda_dist.runtime import CheckpointStore, preemption
+from pagoda_dist.storage.commit import CommitDamaged
+from pagoda_dist.storage.errors import NotCommitted
 
 SKIP_CHUNK = 1 << 24  # uniform draws per step when the noise generator skips ahead (64 MB of scratch)
 Key = tuple[str, Any]  # what one output of a slice is: ("real", res), ("stage", name), ("grid", name), ...
+PAYLOAD = "slice.pt"  # the one part of a committed slice
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,6 +71,7 @@ class Plan:
     slices: tuple[tuple[int, int], ...]                   # [start, stop) image indices
     noise_states: tuple[Tensor, ...]                      # the noise generator's state at each slice's start
     reference_urls: dict[int, str] = field(default_factory=dict)  # resolution -> FID reference statistics
+    slices_url: str | None = None  # where each scored slice is committed (`SliceScorer`); None: nowhere
 
     @property
     def resolutions(self) -> list[int]:
@@ -90,7 +107,20 @@ def make_plan(cfg: Config) -> Plan:
     final = stages[-1].resolution
     references = {} if url is None else {res: url.format(resolution=res) for res in {j.resolution for j in stages}
                                          if "{resolution}" in url or res == final}
-    return Plan(cfg, stages, slices, tuple(states), references)
+    kept = storage.join(cfg.run_url, "eval", "slices", fingerprint(cfg, stages, slices))
+    return Plan(cfg, stages, slices, tuple(states), references, kept)
+
+
+def fingerprint(cfg: Config, stages: tuple[StageJob, ...], slices: tuple[tuple[int, int], ...]) -> str:
+    """A name for what the slices of this evaluation hold: it changes with the config (every key but eval.workers:
+    a slice is the same on any number of workers), each stage's export (its checkpoint's commit record: the step,
+    the parts' sizes and hashes, when it was committed) and the slice bounds. The noise states follow from these."""
+    settings = to_dict(cfg)
+    settings["eval"].pop("workers")
+    exports = {job.name: [job.export_url, storage.read_commit(job.export_url.rsplit("/", 1)[0]).to_json().decode()]
+               for job in stages}
+    body = json.dumps({"config": settings, "exports": exports, "slices": slices}, sort_keys=True, default=str)
+    return hashlib.sha256(body.encode()).hexdigest()[:16]
 
 
 def noise_states(seed: int, per_image: int, starts: list[int]) -> list[Tensor]:
@@ -130,8 +160,19 @@ class SliceScorer:
             self._networks[job.name] = load_export_network(job.export_url).to(self.device)
         return self._networks[job.name]
 
-    @torch.no_grad()
     def __call__(self, index: int) -> dict[Key, Any]:
+        """The outputs of slice `index`: as committed by an earlier evaluation of the plan, else scored and
+        committed now (`Plan.slices_url`; scored only, when it is None)."""
+        url = None if self.plan.slices_url is None else storage.join(self.plan.slices_url, f"slice-{index:05d}")
+        out = None if url is None else load_slice(self.plan, url)
+        if out is None:
+            out = self.compute(index)
+            if url is not None:
+                storage.write_committed(url, {PAYLOAD: encode(self.plan, out)}, {"bounds": self.plan.slices[index]})
+        return out
+
+    @torch.no_grad()
+    def compute(self, index: int) -> dict[Key, Any]:
         """Every output of slice `index` (see `Plan.keys`): the features of each set, the grid images it holds, and
         the seconds it spent generating each stage's samples."""
         plan, cfg = self.plan, self.plan.cfg
@@ -181,6 +222,51 @@ class SliceScorer:
         return out
 
 
+def encode(plan: Plan, out: dict[Key, Any]) -> bytes:
+    """A slice's outputs as torch.save bytes of tensors, numbers and strings only (loadable with weights_only)."""
+    def value(v: Any) -> Any:
+        if isinstance(v, SetFeatures):
+            arrays = {"effnet": v.effnet, "inception": v.inception, "clip": v.clip}
+            return {"heights": list(v.heights), "swd": [torch.tensor(a) for a in v.swd],
+                    **{k: None if a is None else torch.tensor(a) for k, a in arrays.items()}}
+        return v.clone() if isinstance(v, Tensor) else v  # a clone: a view would save its whole storage
+    keys, buf = plan.keys(), io.BytesIO()
+    torch.save({"keys": [list(key) for key in keys], "values": [value(out[key]) for key in keys]}, buf)
+    return buf.getvalue()
+
+
+def decode(plan: Plan, raw: dict[str, Any]) -> dict[Key, Any]:
+    """The outputs `encode` saved (ValueError when they are not those of this plan's slices)."""
+    keys = plan.keys()
+    if raw.get("keys") != [list(key) for key in keys]:
+        raise ValueError(f"it holds the outputs {raw.get('keys')}, the plan's slices have {keys}")
+
+    def value(key: Key, v: Any) -> Any:
+        if key[0] in ("seconds", "grid") or v is None:
+            return v
+
+        def array(t: Tensor | None) -> np.ndarray | None:
+            return None if t is None else t.numpy()
+        return SetFeatures(v["heights"], v["effnet"].numpy(), array(v["inception"]), [t.numpy() for t in v["swd"]],
+                           array(v["clip"]))
+    return {key: value(key, v) for key, v in zip(keys, raw["values"])}
+
+
+def load_slice(plan: Plan, url: str) -> dict[Key, Any] | None:
+    """The outputs committed at `url`, or None when there are none or they fail their SHA-256 (then they are
+    deleted, to be scored and committed again)."""
+    if not storage.is_committed(url):
+        return None
+    with tempfile.TemporaryDirectory(prefix="pagoda-slice-") as tmp:
+        try:
+            storage.download_committed(url, tmp)
+            return decode(plan, torch.load(Path(tmp) / PAYLOAD, weights_only=True))
+        except (CommitDamaged, NotCommitted, ValueError, RuntimeError, pickle.UnpicklingError) as err:
+            log.warning("evaluation slice %s is not usable (%s); scoring it again", url, err)
+    storage.remove(url, recursive=True)
+    return None
+
+
 class Executor(Protocol):
     """Where slices are scored and their features reduced: this process, or a Ray cluster (`distributed`)."""
 
@@ -199,11 +285,13 @@ class InProcess:
 
     def score_slices(self, plan: Plan) -> dict[Key, list[Any]]:
         scorer = SliceScorer(plan)
-        parts: dict[Key, list[Any]] = {key: [] for key in plan.keys()}
+        keys = plan.keys()
+        parts: dict[Key, list[Any]] = {key: [] for key in keys}
         for index in range(len(plan.slices)):
+            stop_if_requested(index, len(plan.slices))
             out = scorer(index)
-            for key in parts:
-                parts[key].append(out[key])
+            for key, values in parts.items():
+                values.append(out[key])
         return parts
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -211,6 +299,14 @@ class InProcess:
 
     def get(self, handles: dict[Any, Any]) -> dict[Any, Any]:
         return handles
+
+
+def stop_if_requested(done: int, total: int) -> None:
+    """Raises preemption.Stopped on a stop request (SIGTERM), between slices. Scored slices are committed as they
+    are scored (`SliceScorer`): the same command loads them and scores the rest."""
+    if preemption.stop_requested():
+        raise preemption.Stopped(f"evaluation stopped on SIGTERM after {done} of {total} slices, which are "
+                                 "committed; run the same command to score the rest")
 
 
 def reference_stats(url: str) -> FeatureStats:

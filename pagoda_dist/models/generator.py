@@ -168,6 +168,19 @@ class OneStepGenerator(nn.Module):
         return self.growth_resolutions[-1] if self.growth_resolutions else self.cfg.resolution
 
     @property
+    def last_layer(self) -> tuple[nn.Conv2d, nn.Module] | None:
+        """(conv, head): the layer the reference's adaptive GAN weight differentiates at (sony/pagoda's get_last_layer:
+        the second conv of the last decoder block's residual block, `output_blocks[-1][0].out_layers[3]`), here of
+        the newest growth block or, at the base resolution, of the last decoder block; and the output head that block
+        feeds. The conv's output adds to the block's skip path, and the head's output enters the image as it is, so
+        a gradient at the image maps to one at the conv's output through the head alone. None when the last block
+        ends in attention instead (attention at the output resolution)."""
+        block = self.growth[-1][-1] if self.growth_resolutions else self.net.dec[-1]
+        if block.attn is not None or block.xattn is not None:
+            return None
+        return block.res.conv2, (self.growth_heads[-1] if self.growth_resolutions else self.net.out)
+
+    @property
     def stage(self) -> str:
         return f"grow-{self.resolution}" if self.growth_resolutions else "distill"
 

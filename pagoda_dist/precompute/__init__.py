@@ -7,8 +7,7 @@ from .job import PrecomputeJob, ShardTask, TextSpec
 from .pool import ActorPool, PoolError, PoolSpec
 from .report import PrecomputeError, PrecomputeFailed, PrecomputeReport, Quality
 from .run import build_job, run_precompute
-from .teacher import (TeacherError, TeacherRef, commit_teacher, find_teacher_export, load_teacher,
-                      resolve_teacher)
+from .teacher import TeacherError, TeacherRef, commit_teacher, find_teacher_export, load_teacher, resolve_teacher
 from .worker import ShardInverter, ShardResult, psnr
 
 __all__ = [

@@ -20,6 +20,8 @@ from typing import Any
 from pagoda_dist import storage
 from pagoda_dist.config import Config
 from pagoda_dist.data.manifest import Manifest, fingerprint
+from pagoda_dist.data.shards import Decoder, decode_members
+from pagoda_dist.data.wds_source import sample_decoder, tar_root
 
 LATENT_DTYPE = "float32"   # latents live at sigma_max scale (~80): float16 would keep only ~3 digits there
 EMBED_DTYPE = "float16"    # text embeddings are O(1); the inversion is conditioned on exactly the stored values
@@ -55,6 +57,7 @@ class PrecomputeJob:
     flip: bool
     batch_size: int
     psnr_samples: int
+    min_psnr_db: float               # a shard whose round-trip PSNR is NaN or lower is not committed
     text: TextSpec | None
     class_conditional: bool
     torch_threads: int               # fixed per actor: CPU float results depend on the thread count
@@ -75,6 +78,9 @@ class ShardTask:
     input_url: str     # full URL of the input shard
     output_prefix: str  # pairs_url/train-000007 (committed on its own)
     count: int         # samples in the input shard (from its manifest)
+    tar_url: str = ""  # where the shard's tar is when not at input_url (WebDataset shards indexed in place)
+    decode: Decoder = decode_members  # the tar's layout: ours, or img2dataset's (wds_source)
+    resolution: int | None = None  # the manifest's image size: an image of another size is skipped and counted
 
     @property
     def output_name(self) -> str:
@@ -83,7 +89,7 @@ class ShardTask:
 
 
 def shard_stem(name: str) -> str:
-    return name[: -len(".tar")] if name.endswith(".tar") else name
+    return name.removesuffix(".tar")
 
 
 def torch_threads(cpus_per_actor: float) -> int:
@@ -105,8 +111,10 @@ def make_settings(cfg: Config, inputs: Manifest, teacher_url: str, text: TextSpe
 
 def make_tasks(inputs: Manifest, shards_url: str, pairs_url: str) -> list[ShardTask]:
     """One task per input shard, in manifest order (splits in order, shards in order)."""
+    root, decode = tar_root(inputs, shards_url), sample_decoder(inputs)
     return [ShardTask(split=split, name=info.name, input_url=storage.join(shards_url, info.name),
-                      output_prefix=storage.join(pairs_url, shard_stem(info.name)), count=info.count)
+                      output_prefix=storage.join(pairs_url, shard_stem(info.name)), count=info.count,
+                      tar_url=storage.join(root, info.name), decode=decode, resolution=inputs.resolution)
             for split, shards in inputs.splits.items() for info in shards]
 
 

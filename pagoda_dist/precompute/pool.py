@@ -3,9 +3,13 @@
 Scheduling: start `min_actors`; while shards are waiting and no actor is still starting up, add one more (up to
 `max_actors`) whenever the cluster has the CPUs/GPUs for it free (`ray.available_resources()`). An actor gets a
 shard once it is up (teacher loaded), one at a time, so an actor Ray cannot place never holds work back. A shard whose actor died, or whose task raised, goes back to the end of the queue until it has
-failed `max_retries + 1` times; then it is reported and the others go on. A dead actor is replaced while fewer
-than `min_actors` remain. If actors keep dying while loading (before any became ready), the run stops with that
-error instead of retrying every shard against it.
+failed `max_retries + 1` times; then it is reported and the others go on. A shard the quality gate rejected
+(`ShardRejected`) is reported at once: the same inputs would give the same latents. A dead actor is replaced while
+fewer than `min_actors` remain. If actors keep dying while loading (before any became ready), the run stops with
+that error instead of retrying every shard against it.
+
+A stop request (`stop()`, by default SIGTERM through `runtime.preemption`) hands out no further shard; the shards
+in flight are committed, and the outcome says `stopped`.
 
 Actors are threaded (two calls at once) only so the driver can read a busy actor's progress; the work itself
 runs in one thread with a fixed torch thread count.
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,10 +27,12 @@ import torch
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 from tqdm import tqdm
 
+from pagoda_dist.runtime import preemption
 from pagoda_dist.runtime.worker import WorkerEnv
 
 from .job import PrecomputeJob, ShardTask
-from .worker import ShardInverter, ShardResult
+from .scratch import private_scratch
+from .worker import ShardInverter, ShardRejected, ShardResult
 
 POLL_S = 0.5
 INIT_FAILURES_TO_GIVE_UP = 3
@@ -40,6 +47,7 @@ class InverterActor:
 
     def __init__(self, job: PrecomputeJob, env: WorkerEnv, crash_once_marker: str | None = None) -> None:
         env.apply()  # storage endpoint and credentials, before anything touches storage
+        private_scratch()  # this process's temporary shard copies, in a folder swept once the process is gone
         torch.set_num_threads(job.torch_threads)
         self.device = "cuda" if job.use_gpu and torch.cuda.is_available() else "cpu"
         self.inverter = ShardInverter(job, self.device)
@@ -94,6 +102,7 @@ class PoolOutcome:
     actor_deaths: int = 0
     retries: int = 0
     peak_actors: int = 0
+    stopped: bool = False    # a stop request ended the run with shards left undone
 
 
 @dataclass(frozen=True)
@@ -118,9 +127,11 @@ def _short(err: BaseException) -> str:
 class ActorPool:
     """Runs shard tasks on autoscaled InverterActors; `run` returns when every task succeeded or gave up."""
 
-    def __init__(self, job: PrecomputeJob, spec: PoolSpec, *, crash_once_marker: str | None = None) -> None:
+    def __init__(self, job: PrecomputeJob, spec: PoolSpec, *, crash_once_marker: str | None = None,
+                 stop: Callable[[], bool] = preemption.stop_requested) -> None:
         self.job, self.spec = job, spec
         self.crash_once_marker = crash_once_marker
+        self.stop = stop
         options: dict[str, Any] = {"num_cpus": spec.cpus_per_actor, "num_gpus": spec.gpus_per_actor,
                                    "max_concurrency": 2, "max_restarts": 0}
         self._actor_cls = ray.remote(InverterActor).options(**options)
@@ -147,7 +158,7 @@ class ActorPool:
         self.slots.remove(slot)
         try:
             ray.kill(slot.handle, no_restart=True)
-        except Exception:  # noqa: BLE001 - it is gone already; nothing else to free
+        except Exception:  # noqa: BLE001, S110 - it is gone already; nothing else to free
             pass
 
     def _scale(self, pending: deque) -> None:
@@ -159,11 +170,11 @@ class ActorPool:
             self._start_actor()
 
     # -------------------------------------------------------------------------------------------- tasks
-    def _fail(self, slot: _Slot, error: str, pending: deque) -> None:
+    def _fail(self, slot: _Slot, error: str, pending: deque, *, retry: bool = True) -> None:
         task, attempt = slot.task, slot.attempt
         assert task is not None
         slot.task, slot.ref, slot.progress_ref, slot.progress = None, None, None, 0
-        if attempt < self.spec.max_retries:
+        if retry and attempt < self.spec.max_retries:
             pending.append((task, attempt + 1))
             self.outcome.retries += 1
         else:
@@ -179,7 +190,7 @@ class ActorPool:
             self._retire(slot)
             return
         except RayTaskError as err:
-            self._fail(slot, _short(err), pending)
+            self._fail(slot, _short(err), pending, retry=not isinstance(err.cause, ShardRejected))
             return
         slot.task, slot.ref, slot.progress_ref, slot.progress = None, None, None, 0
         self.outcome.results.append(result)
@@ -232,6 +243,9 @@ class ActorPool:
         finished = shown = 0
         try:
             while pending or any(s.task is not None for s in self.slots):
+                if pending and self.stop():  # the shards in flight still commit
+                    pending.clear()
+                    self.outcome.stopped = True
                 self._scale(pending)
                 self._assign(pending)
                 finished += self._wait_and_collect(pending)

@@ -1,4 +1,6 @@
-"""What a precompute run did: counts, inversion quality (PSNR of sample(invert(x)) vs x), cost, failures."""
+"""What a precompute run did: counts, inversion quality (PSNR of sample(invert(x)) vs x, and each shard's latent
+std / sigma_max: a faithful inversion of the data gives latents as spread as the prior's N(0, sigma_max^2)),
+corrupt samples skipped, cost, failures."""
 from __future__ import annotations
 
 import math
@@ -6,6 +8,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .worker import ShardResult
+
+MAX_LISTED = 20  # shards (latent spread) and corrupt samples the summary names one by one
 
 
 class PrecomputeError(ValueError):
@@ -57,6 +61,12 @@ class PrecomputeReport:
     text_encoder: dict[str, Any] | None = None
     teacher_url: str = ""
     committed: bool = False                       # the set's manifest and COMMIT marker were written
+    shards: list[ShardResult] = field(default_factory=list)  # every committed shard of the set, by name
+
+    @property
+    def images_skipped(self) -> int:
+        """Corrupt input samples left out of the committed shards."""
+        return sum(r.skipped for r in self.shards)
 
     @property
     def ok(self) -> bool:
@@ -76,10 +86,18 @@ class PrecomputeReport:
                     f"committed, of {self.shards_total}; {self.images_computed} images in {self.elapsed_s:.1f}s "
                     f"({self.images_per_s:.2f} img/s)")
         lines = [head,
-                 f"  {self.images_total} images, {self.latents_per_image} latent(s) each; "
-                 f"{self.network_evals_per_latent} teacher evaluations per latent",
+                 (f"  {self.images_total} images, {self.latents_per_image} latent(s) each; "
+                  f"{self.network_evals_per_latent} teacher evaluations per latent"),
                  f"  inversion PSNR sample(invert(x)) vs x: {psnr}",
                  f"  teacher: {self.teacher_url}"]
+        if self.shards:
+            lines.append(_latent_spread(self.shards))
+        if self.images_skipped:
+            listed = [f"{r.name}: {entry}" for r in self.shards for entry in r.skipped_samples]
+            lines.append(f"  skipped {self.images_skipped} corrupt input sample(s):")
+            lines += [f"    {entry}" for entry in listed[:MAX_LISTED]]
+            if self.images_skipped > min(len(listed), MAX_LISTED):
+                lines.append(f"    ... and {self.images_skipped - min(len(listed), MAX_LISTED)} more")
         if self.text_encoder is not None:
             flag = " (RANDOMLY INITIALISED, not a trained CLIP)" if self.text_encoder.get("random_init") else ""
             lines.append(f"  text encoder: {self.text_encoder.get('arch')}{flag}")
@@ -90,6 +108,19 @@ class PrecomputeReport:
             lines.append(f"  FAILED {len(self.failed)} shard(s); the set is not committed:")
             lines += [f"    {name}: {error}" for name, error in sorted(self.failed.items())]
         return "\n".join(lines)
+
+
+def _latent_spread(shards: list[ShardResult]) -> str:
+    """One line: latent std / sigma_max per shard (all of them up to MAX_LISTED, else the range)."""
+    values = [(r.name.split("/")[0], r.latent_std) for r in shards if not math.isnan(r.latent_std)]
+    if not values:
+        return "  latent std / sigma_max: not measured"
+    if len(values) <= MAX_LISTED:
+        return "  latent std / sigma_max per shard: " + ", ".join(f"{name} {v:.3f}" for name, v in values)
+    low, high = min(values, key=lambda x: x[1]), max(values, key=lambda x: x[1])
+    mean = sum(v for _, v in values) / len(values)
+    return (f"  latent std / sigma_max over {len(values)} shards: mean {mean:.3f}, lowest {low[1]:.3f} ({low[0]}), "
+            f"highest {high[1]:.3f} ({high[0]}); each shard's in manifest.json")
 
 
 class PrecomputeFailed(RuntimeError):

@@ -3,7 +3,9 @@
 Order of events: validate everything that can be checked cheaply (input manifest, teacher checkpoint and its
 architecture against the data, CLIP weights path) -> find shards already committed by an earlier run -> start
 Ray (unless the caller did) and the actor pool for the rest -> commit the set's manifest only when every shard
-is committed. Nothing runs on an actor before validation has passed.
+is committed. Nothing runs on an actor before validation has passed. SIGTERM (inside
+`runtime.preemption.stopping_on_sigterm`) lets the shards in flight commit and raises `Stopped`; the same call then
+computes only the rest.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from pagoda_dist import storage
 from pagoda_dist.config import Config
 from pagoda_dist.data.manifest import Manifest, ManifestError, commit_manifest, read_manifest
 from pagoda_dist.data.shards import ShardInfo
-
+from pagoda_dist.data.sources import Skipped
+from pagoda_dist.runtime import preemption
 from pagoda_dist.runtime.ray_session import ensure_ray
 from pagoda_dist.runtime.trainer import worker_env  # the same worker environment as training
 
@@ -26,7 +29,6 @@ from .pool import ActorPool, PoolOutcome, PoolSpec
 from .report import PrecomputeError, PrecomputeFailed, PrecomputeReport, Quality
 from .teacher import TeacherError, TeacherRef, resolve_teacher
 from .worker import ShardResult
-
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -102,7 +104,7 @@ def build_job(cfg: Config) -> tuple[PrecomputeJob, Manifest, TeacherRef]:
         teacher_url=teacher.export_url, teacher_arch=teacher.architecture, base_resolution=model["resolution"],
         channels=inputs.channels, sigma_data=diff.sigma_data, solver=pre.solver, steps=pre.steps,
         sigma_min=diff.sigma_min, sigma_max=diff.sigma_max, rho=diff.rho, clamp=pre.clamp, flip=pre.flip,
-        batch_size=pre.batch_size, psnr_samples=pre.psnr_samples, text=text,
+        batch_size=pre.batch_size, psnr_samples=pre.psnr_samples, min_psnr_db=pre.min_psnr_db, text=text,
         class_conditional=bool(model["num_classes"]), torch_threads=torch_threads(pre.cpus_per_actor),
         use_gpu=pre.gpus_per_actor > 0, settings=make_settings(cfg, inputs, teacher.export_url, text))
     return job, inputs, teacher
@@ -162,8 +164,9 @@ def run_precompute(cfg: Config, *, progress: bool = True, crash_once_marker: str
     """Produces the latent-pair set at `cfg.pairs_url` (see the module docstring) and returns its report; the
     caller prints `report.summary()` (counts, PSNR of the round trip, failures). `progress`: a tqdm bar.
 
-    Raises PrecomputeError before any work when the run cannot start, and PrecomputeFailed (carrying the
-    report, naming the failed shards) when shards still fail after `precompute.max_retries` retries.
+    Raises PrecomputeError before any work when the run cannot start, PrecomputeFailed (carrying the report,
+    naming the failed shards) when shards still fail after `precompute.max_retries` retries or fail the quality
+    gate, and `preemption.Stopped` when a stop was requested before every shard was committed.
     crash_once_marker: TEST HOOK only: a local file path; the first actor to finish a batch while it does not
     exist creates it and exits hard (to show that a lost actor's shard is redone).
     """
@@ -185,11 +188,17 @@ def run_precompute(cfg: Config, *, progress: bool = True, crash_once_marker: str
     existing = _existing_shards(pairs_url, job, tasks)
     todo = [t for t in tasks if t.name not in existing]
     outcome = PoolOutcome()
-    if todo:
+    if todo and preemption.stop_requested():
+        outcome.stopped = True
+    elif todo:
         outcome = _run_pool(cfg, job, todo, progress, crash_once_marker)
     input_of = {t.output_name: t.name for t in todo}
     results = {**existing, **{input_of[r.name]: r for r in outcome.results}}
     report = _report(cfg, job, tasks, results, outcome, started, len(existing))
+    if outcome.stopped:
+        print(report.summary(), flush=True)
+        raise preemption.Stopped(f"precompute stopped on SIGTERM with {len(results)} of {len(tasks)} shards "
+                                 "committed; run the same command to compute the rest")
     if outcome.failed:
         raise PrecomputeFailed(report)
     _commit_set(pairs_url, job, inputs, tasks, results, report)
@@ -210,7 +219,9 @@ def _run_pool(cfg: Config, job: PrecomputeJob, todo: list[ShardTask], progress: 
                         env=worker_env(cfg))
         pool = ActorPool(job, spec, crash_once_marker=crash_once_marker)
         total = sum(t.count for t in todo)
-        with tqdm(total=total, unit="img", desc="precompute", disable=not progress, smoothing=0.05) as bar:
+        # After ray.init, which installs its own SIGTERM handler: SIGTERM lets the shards in flight commit.
+        with preemption.stopping_on_sigterm(cfg.runtime.sigterm_grace_s), \
+                tqdm(total=total, unit="img", desc="precompute", disable=not progress, smoothing=0.05) as bar:
             return pool.run(todo, bar)
     finally:
         if started_ray:
@@ -225,6 +236,7 @@ def _report(cfg: Config, job: PrecomputeJob, tasks: list[ShardTask], results: di
         pairs_url=cfg.pairs_url, reused=False, shards_total=len(tasks), shards_computed=len(outcome.results),
         shards_skipped=skipped, images_total=sum(t.count for t in tasks),
         images_computed=sum(r.count for r in outcome.results), latents_per_image=2 if job.flip else 1,
+        shards=sorted(values, key=lambda r: r.name),
         network_evals_per_latent=evals, quality=Quality.of(values), elapsed_s=time.monotonic() - started,
         failed=dict(outcome.failed), actors_started=outcome.actors_started, actor_deaths=outcome.actor_deaths,
         retries=outcome.retries, peak_actors=outcome.peak_actors,
@@ -250,15 +262,21 @@ def _commit_set(pairs_url: str, job: PrecomputeJob, inputs: Manifest, tasks: lis
         "psnr": {**report.quality.to_dict(),
                  "per_shard": {r.name: {"mean_db": r.to_meta()["psnr_mean"], "images": r.psnr_n}
                                for r in results.values()}},
+        "latent_std_over_sigma_max": {r.name: r.to_meta()["latent_std"] for r in results.values()},
         "batch_size": job.batch_size, "torch_threads": job.torch_threads,
     }
+    skipped = []  # corrupt input samples left out, as "pair shard#key" and the reason
+    for r in results.values():
+        for entry in r.skipped_samples:
+            key, _, reason = entry.partition(": ")
+            skipped.append(Skipped(f"{r.name}#{key}", reason))
     notes = list(inputs.notes)
     if job.text is not None and job.text.random_init:
         notes.append("text embeddings come from a RANDOMLY INITIALISED text tower (precompute.clip_random_init)")
     manifest = Manifest(kind="latent-pairs", resolution=inputs.resolution, channels=inputs.channels,
                         image_format=inputs.image_format, splits=splits, class_names=inputs.class_names,
                         has_captions=inputs.has_captions, settings=job.settings, inputs=inputs.inputs,
-                        notes=notes, extra=extra)
+                        skipped=skipped, skipped_count=report.images_skipped, notes=notes, extra=extra)
     commit_manifest(pairs_url, manifest)
 
 

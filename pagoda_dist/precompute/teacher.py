@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from pagoda_dist import storage
@@ -99,6 +100,8 @@ def load_teacher(export_url: str) -> tuple[UNet, dict[str, Any]]:
         net.load_state_dict(_match_prefix(_weights(payload, export_url), net), strict=True)
     except RuntimeError as err:
         raise TeacherError(f"{export_url}: the weights do not fit the recorded architecture ({err})") from None
+    # fp32 inversion means fp32 arithmetic: Ampere/Hopper GPUs would run cuDNN convolutions in TF32 by default.
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     return net.float().eval().requires_grad_(False), arch
 
 

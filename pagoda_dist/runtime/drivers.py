@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from pagoda_dist.config import OptimizerConfig, RuntimeConfig, TrainConfig
 
+from .divergence import NonFiniteGuard
 from .schedule import lr_factor
 
 _OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -83,14 +84,16 @@ class PlainDriver:
 
 def deepspeed_config(train: TrainConfig, runtime: RuntimeConfig, world_size: int) -> dict[str, Any]:
     """The DeepSpeed config for one engine: batch geometry, ZeRO stage, precision and clipping."""
-    per_step = world_size * train.grad_accum
-    if train.batch_size % per_step:
-        raise ValueError(f"batch_size {train.batch_size} is not divisible by world size {world_size} x grad_accum "
-                         f"{train.grad_accum}; choose a batch size that is a multiple of {per_step}")
+    accum = train.accumulation(world_size)
+    per_step = world_size * accum
+    if accum < 1 or train.batch_size % per_step:
+        raise ValueError(f"batch_size {train.batch_size} is not divisible by world size {world_size} x "
+                         f"{f'micro_batch {train.micro_batch}' if train.micro_batch else f'grad_accum {accum}'}; "
+                         "choose a batch size that is a multiple of their product")
     return {
         "train_batch_size": train.batch_size,
         "train_micro_batch_size_per_gpu": train.batch_size // per_step,
-        "gradient_accumulation_steps": train.grad_accum,
+        "gradient_accumulation_steps": accum,
         "gradient_clipping": train.grad_clip,
         "zero_optimization": {"stage": runtime.zero_stage},
         "bf16": {"enabled": runtime.precision == "bf16"},
@@ -105,7 +108,7 @@ class DeepSpeedDriver:
     """One DeepSpeed engine per trainable network (a GAN stage gets two), built from torch optimizers."""
 
     def __init__(self, nets: dict[str, nn.Module], optimizers: dict[str, OptimizerConfig],
-                 ds_config: dict[str, Any]) -> None:
+                 ds_config: dict[str, Any], guard: NonFiniteGuard | None = None) -> None:
         import deepspeed
 
         self.configs = optimizers
@@ -125,6 +128,9 @@ class DeepSpeedDriver:
                                                    dist_init_required=False)
             self.engines[name] = engine
             self.optimizers[name] = opt
+            if guard is not None:
+                guard.watch(opt)
+        self.guard = guard  # skips updates with a non-finite loss or gradient, on every rank together
         self._modules = {name: engine if self._dtype is None else _Casting(engine, self._dtype)
                          for name, engine in self.engines.items()}
 
@@ -136,10 +142,16 @@ class DeepSpeedDriver:
         return self._modules[name]
 
     def backward(self, name: str, loss: Tensor) -> None:
+        if self.guard is not None:
+            self.guard.note_loss(loss)
         self.engines[name].backward(loss)  # scales by 1/grad_accum itself
 
     def step(self, name: str) -> None:
-        self.engines[name].step()  # a no-op between accumulation boundaries
+        engine = self.engines[name]
+        boundary = engine.is_gradient_accumulation_boundary()
+        engine.step()  # a no-op between accumulation boundaries
+        if boundary and self.guard is not None:
+            self.guard.after_update(applied=engine.was_step_applied())
 
     def live(self, name: str) -> nn.Module:
         return self.engines[name].module
@@ -159,12 +171,50 @@ class DeepSpeedDriver:
             engine.save_checkpoint(str(directory / name), tag="state", client_state={}, save_latest=False)
 
     def load_state(self, directory: Path) -> None:
-        """Loads what `save_state` wrote (with every rank's files present below `directory`)."""
+        """Loads what `save_state` wrote (with every rank's files present below `directory`). ZeRO-1/2 state saved by
+        another number of ranks is re-partitioned for this one (`_repartition`): DeepSpeed itself refuses it."""
         for name, engine in self.engines.items():
+            shards = sorted((directory / name / "state").glob("*zero_pp_rank_*_optim_states.pt"),
+                            key=lambda p: int(p.name.split("zero_pp_rank_")[1].split("_")[0]))
+            elastic = bool(shards) and len(shards) != engine.seq_dp_world_size
             path, _ = engine.load_checkpoint(str(directory / name), tag="state", load_module_strict=True,
-                                             load_optimizer_states=True, load_lr_scheduler_states=False)
+                                             load_optimizer_states=not elastic, load_lr_scheduler_states=False,
+                                             load_module_only=elastic)
             if path is None:
                 raise FileNotFoundError(f"no DeepSpeed state for network {name!r} under {directory / name}")
+            if elastic:
+                # DeepSpeed's own files, read by its own checkpoint engine (see checkpoint.py on trusting them).
+                _repartition(engine, [engine.checkpoint_engine.load(str(p), map_location="cpu") for p in shards])
+
+
+def _repartition(engine: Any, saved: list[dict[str, Any]]) -> None:
+    """Sets a ZeRO-1/2 engine's fp32 master partitions and optimizer state from the per-rank files of a checkpoint
+    saved by another number of ranks. Each parameter group is one flat fp32 vector cut into equal partitions, padded
+    at the end only: the saved partitions laid end to end, cut at the group's length, are that vector, which is then
+    cut anew for this world (what DeepSpeed's universal checkpoint does through a conversion step)."""
+    from deepspeed.checkpoint import constants as ds
+
+    zero = engine.optimizer
+    states = [sd[ds.OPTIMIZER_STATE_DICT] for sd in saved]  # BASE_OPTIMIZER_STATE: the torch optimizer's state
+
+    def cut(pieces: list[Tensor], length: int, mine: Tensor, group: Any) -> Tensor:
+        flat = torch.cat([p.reshape(-1).float() for p in pieces])[:length]
+        part, world = mine.numel(), torch.distributed.get_world_size(group=group)
+        padded = torch.zeros(part * world, dtype=mine.dtype)
+        padded[:length] = flat
+        rank = torch.distributed.get_rank(group=group)
+        return padded[rank * part:(rank + 1) * part].to(mine.device)
+
+    for i, fp32 in enumerate(zero.single_partition_of_fp32_groups):
+        group = zero.real_dp_process_group[i]
+        length = sum(st[ds.SINGLE_PARTITION_OF_FP32_GROUPS][i].numel() for st in states)  # saved without end padding
+        fp32.data.copy_(cut([st[ds.SINGLE_PARTITION_OF_FP32_GROUPS][i] for st in states], length, fp32, group))
+        saved_state = [st[ds.BASE_OPTIMIZER_STATE]["state"].get(i, {}) for st in states]
+        zero.optimizer.state[fp32] = {
+            key: cut([s[key] for s in saved_state], length, fp32, group) if torch.is_tensor(value) and value.dim()
+            else (value.clone() if torch.is_tensor(value) else value)  # the step count: the same on every rank
+            for key, value in saved_state[0].items()}
+    zero._link_all_hp_params()  # as DeepSpeed's own load does: parameters see their new optimizer state
 
 
 class _Casting(nn.Module):
@@ -191,7 +241,8 @@ class _Casting(nn.Module):
 
 
 def _cast(value: Any, dtype: torch.dtype) -> Any:
-    """`value` with every floating tensor inside (tuples, lists, dicts, dataclasses) cast to `dtype`."""
+    """`value` with every floating tensor inside (tuples, lists, dicts, dataclasses) cast to `dtype`, except in
+    dataclass fields whose metadata sets keep_dtype (values that must stay exact, e.g. a guidance scale)."""
     if isinstance(value, Tensor):
         return value.to(dtype) if value.is_floating_point() else value
     if isinstance(value, tuple) and hasattr(value, "_fields"):  # a namedtuple
@@ -200,7 +251,8 @@ def _cast(value: Any, dtype: torch.dtype) -> Any:
         return type(value)(_cast(v, dtype) for v in value)
     if isinstance(value, dict):
         return {k: _cast(v, dtype) for k, v in value.items()}
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # fields marked keep_dtype stay as they are
         return dataclasses.replace(value, **{f.name: _cast(getattr(value, f.name), dtype)
-                                             for f in dataclasses.fields(value) if f.init})
+                                             for f in dataclasses.fields(value)
+                                             if f.init and not f.metadata.get("keep_dtype")})
     return value

@@ -11,6 +11,10 @@ the request in case the save cannot finish (e.g. a peer is already gone).
 Driver. A scheduler may signal only the process that called `train_stage` (a batch system's job step, a pod whose
 workers run elsewhere). `forwarding_sigterm` turns that signal into the same request on every worker, through a
 relay the workers wait on (`follow`), and bounds the driver by the same grace period.
+
+The other steps (prepare, precompute, evaluate) stop in the driver: inside `stopping_on_sigterm`, SIGTERM sets the
+same flag; their loops poll `stop_requested()`, hand out no new unit of work (a shard, an evaluation slice), let
+the units in flight commit, and raise `Stopped`, which the command line turns into exit code `EXIT_CODE`.
 """
 from __future__ import annotations
 
@@ -22,6 +26,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 EXIT_CODE = 128 + signal.SIGTERM
+
+
+class Stopped(RuntimeError):
+    """A step stopped on SIGTERM with its finished work committed: the same command resumes it."""
 
 _requested = threading.Event()
 _watchdog: threading.Timer | None = None
@@ -65,6 +73,22 @@ def follow(wait_for_driver: Callable[[], Any], grace_s: float) -> None:
 
 def stop_requested() -> bool:
     return _requested.is_set()
+
+
+@contextlib.contextmanager
+def stopping_on_sigterm(grace_s: float) -> Iterator[None]:
+    """While the body runs, SIGTERM to this process requests a stop (`stop_requested()`) instead of killing it, and
+    ends the process with `EXIT_CODE` `grace_s` seconds later if it is still running then. A request made before
+    the body starts still counts. Outside the main thread (where no handler can be installed) the body runs
+    unchanged."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: request_stop(grace_s))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def stopped_cleanly() -> None:

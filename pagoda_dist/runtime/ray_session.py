@@ -60,8 +60,11 @@ class WorkerEnv:
 
 def worker_env(cfg: Config) -> WorkerEnv:
     """What the workers need from the driver's environment: storage endpoint and settings, the JIT cache, the
-    DeepSpeed accelerator, and credentials (as secrets)."""
+    DeepSpeed accelerator, wandb's settings, and credentials (as secrets)."""
     plain = {name: os.environ[name] for name in PLAIN_ENV if os.environ.get(name)}
+    # wandb's settings (WANDB_PROJECT, WANDB_ENTITY, WANDB_MODE, ...) reach rank 0 wherever it runs; its key: secret
+    plain.update({name: value for name, value in os.environ.items()
+                  if name.startswith("WANDB_") and name not in SECRET_ENV and value})
     plain.update(storage.env_for_workers())
     if not cfg.runtime.use_gpu:
         plain["DS_ACCELERATOR"] = "cpu"

@@ -23,18 +23,20 @@ class LoopResult:
 
 def train_single_process(stage: Stage, batches: Iterable[Batch], steps: int,
                          train: TrainConfig | None = None) -> LoopResult:
-    """Runs `steps` optimizer steps of `stage` on `batches` (grad_accum micro-batches per step) in this process."""
+    """Runs `steps` optimizer steps of `stage` on `batches` (`train.accumulation(1)` micro-batches per step) in this
+    process."""
     train = train or TrainConfig()
+    accum = train.accumulation(1)
     nets = stage.trainable()
     first = next(iter(nets))
     ema = Ema(nets[first], keep=True)
-    driver = PlainDriver(nets, stage.optimizers(), grad_accum=train.grad_accum, grad_clip=train.grad_clip)
+    driver = PlainDriver(nets, stage.optimizers(), grad_accum=accum, grad_clip=train.grad_clip)
     it = iter(batches)
     result = LoopResult(ema=ema.net)
     for _ in range(steps):
         driver.begin_step(result.nimg)
         seen, sums = 0, {}
-        for _ in range(train.grad_accum):
+        for _ in range(accum):
             batch = next(it)
             for key, value in stage.train_step(batch, driver, result.nimg).items():
                 sums[key] = sums.get(key, 0.0) + float(value)
@@ -42,5 +44,5 @@ def train_single_process(stage: Stage, batches: Iterable[Batch], steps: int,
         result.nimg += seen
         ema.update(nets[first], ema_beta(result.nimg, seen, train.ema_halflife_kimg, train.ema_rampup),
                    driver.gathered)
-        result.history.append({key: value / train.grad_accum for key, value in sums.items()})
+        result.history.append({key: value / accum for key, value in sums.items()})
     return result

@@ -3,7 +3,9 @@
 The runtime never opens shards itself. `train_stage` is handed a `DataFactory`; each rank calls it with a
 `DataRequest` (who it is, how many samples per micro-batch, and where the stream stopped last time) and iterates
 the returned `BatchSource` forever. At a checkpoint the runtime stores `source.state()` per rank and hands it
-back on resume, so the stream continues where it stopped.
+back on resume, so the stream continues where it stopped. A run resumed on another number of ranks hands each
+rank the state of the saved rank of the same number (rank 0's to a rank new to the run) and the same global batch:
+the source continues the same sequence of global batches, shared out among the new ranks.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ class DataRequest:
     seed: int                     # run seed: the order of the stream is a function of it
     inputs: StageInputs           # resolution and whether latents are needed
     state: dict[str, Any] | None  # `BatchSource.state()` saved by this rank at the checkpoint; None: start
+    global_batch: int | None = None  # samples per optimizer step, all ranks (None: batch_size x world_size)
 
 
 class BatchSource(Protocol):

@@ -18,6 +18,7 @@ from pagoda_dist import storage
 from pagoda_dist.chain import stage_spec
 from pagoda_dist.config import Config, from_dict, to_dict
 from pagoda_dist.interfaces import Stage
+from pagoda_dist.storage.lease import LeaseToken
 
 from . import preemption
 from .checkpoint import CheckpointStore, check_resumable, resume_layout
@@ -36,6 +37,8 @@ class TrainResult:
     preempted: bool                 # True: stopped on SIGTERM after saving; run the same command to continue
     resumed_from: int | None        # images seen in the checkpoint this attempt started from (None: fresh)
     metrics: dict[str, float] = field(default_factory=dict)        # the last log record
+    diverged: bool = False          # True: stopped after runtime.max_nonfinite_steps skipped steps in a row
+    nonfinite_steps: int = 0        # steps skipped for a non-finite loss or gradient in the last attempt
     history: list[dict[str, float]] = field(default_factory=list)  # every log record of the last attempt
 
 
@@ -59,15 +62,22 @@ def default_local_dir(cfg: Config) -> Path:
 
 
 def check_latest_resumable(cfg: Config, stage_name: str, run_url: str) -> None:
-    """Refuses, before any worker starts, a latest checkpoint saved with another world size/ZeRO stage/precision."""
+    """Refuses, before any worker starts, a latest checkpoint saved with another ZeRO stage or precision, or with
+    another world size that `checkpoint.elastic_refusal` refuses."""
     store = CheckpointStore(run_url, stage_name)
     latest = store.latest_committed()
     if latest is not None:
-        check_resumable(resume_layout(cfg, cfg.runtime.num_workers), store.read_meta(latest), latest.url)
+        try:
+            saved = store.read_meta(latest)
+        except ValueError:  # damaged in place: the workers report it and fall back to an older checkpoint
+            return
+        batch = stage_spec(cfg, stage_name).train.batch_size
+        check_resumable({**resume_layout(cfg, cfg.runtime.num_workers), "batch_size": batch}, saved, latest.url)
 
 
 def train_stage(cfg: Config, stage_factory: Callable[[Config], Stage], data_factory: DataFactory, *,
-                stage_name: str, local_dir: str | Path | None = None) -> TrainResult:
+                stage_name: str, local_dir: str | Path | None = None, from_scratch: bool = False,
+                lease: LeaseToken | None = None) -> TrainResult:
     """Trains (or resumes) stage `stage_name` of run `cfg` on `cfg.runtime.num_workers` Ray Train workers.
 
     The same call starts a run and resumes it from its latest committed checkpoint in `cfg.run_url/stage_name/`.
@@ -75,7 +85,9 @@ def train_stage(cfg: Config, stage_factory: Callable[[Config], Stage], data_fact
     and stop within `runtime.sigterm_grace_s`; the result then says `preempted` and the same call continues.
     `stage_factory(cfg)` builds the stage on each worker (same seed on every rank); `data_factory(cfg, request)`
     opens each rank's data stream. Both must be picklable. Uses the Ray the caller initialised, else connects to
-    `cfg.runtime.ray_address`, else starts a local one (left running for later stages).
+    `cfg.runtime.ray_address`, else starts a local one (left running for later stages). When the stage's committed
+    checkpoints are all damaged it refuses to start from zero (`CheckpointDamaged`) unless `from_scratch`; with
+    `lease` (the run's, see `storage.lease`) no checkpoint is committed once another driver holds the run.
     """
     cfg = from_dict(to_dict(cfg))  # validated again, in the one place: a caller may have changed it since
     train = stage_spec(cfg, stage_name).train
@@ -85,6 +97,9 @@ def train_stage(cfg: Config, stage_factory: Callable[[Config], Stage], data_fact
     storage.configure(s.endpoint_url, s.region, retry_budget_s=s.retry_budget_s)
     run_url = _absolute(cfg.run_url)
     check_latest_resumable(cfg, stage_name, run_url)
+    store = CheckpointStore(run_url, stage_name)
+    if not from_scratch and store.latest_committed() is None:
+        store.refuse_fresh_start()  # damaged checkpoints set aside by an earlier attempt: say so before Ray starts
     local = Path(local_dir).absolute() if local_dir is not None else default_local_dir(cfg)
 
     ensure_ray(cfg, cfg.runtime.num_workers * cfg.runtime.cpus_per_worker)
@@ -99,7 +114,8 @@ def train_stage(cfg: Config, stage_factory: Callable[[Config], Stage], data_fact
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     rt = cfg.runtime
     relay = start_stop_relay()
-    job = WorkerJob(cfg, stage_name, train, stage_factory, data_factory, run_url, str(local), worker_env(cfg), relay)
+    job = WorkerJob(cfg, stage_name, train, stage_factory, data_factory, run_url, str(local), worker_env(cfg), relay,
+                    from_scratch, lease)
     trainer = TorchTrainer(
         ray_train_loop,
         train_loop_config={"job": job},
@@ -116,6 +132,10 @@ def train_stage(cfg: Config, stage_factory: Callable[[Config], Stage], data_fact
         # A SIGTERM sent to this process alone reaches every worker as a save-and-stop request.
         with preemption.forwarding_sigterm(lambda: ray.get(relay.request.remote()), rt.sigterm_grace_s):
             out = trainer.fit().return_value
+    except Exception:
+        if not from_scratch and store.latest_committed() is None:
+            store.refuse_fresh_start()  # the workers found every checkpoint damaged: say that, in one line
+        raise
     finally:
         ray.kill(relay)
     return TrainResult(**out)

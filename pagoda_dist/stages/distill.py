@@ -34,8 +34,9 @@ def build_distill(cfg: Config, teacher_export: dict[str, Any]) -> AdversarialSta
         teacher_stage = TeacherStage(cfg, teacher.requires_grad_(False).eval())
 
         def teacher_sample(noise: Tensor, cond: Condition) -> Tensor:
-            """The teacher's sample from `noise`, guided at `cond.guidance` per sample (else teacher.sampler's)."""
+            """The teacher's PF-ODE sample from `noise` (never churned: the target is a function of its noise),
+            guided at `cond.guidance` per sample (else teacher.sampler's)."""
             net = teacher_stage.net.to(noise.device)  # the runtime moves trainable networks only; a no-op after once
-            return teacher_stage.sample(net, noise, cond, guidance=cond.guidance)
+            return teacher_stage.sample(net, noise, cond, guidance=cond.guidance, deterministic=True)
 
     return AdversarialStage(cfg, "distill", generator, adv, cfg.distill.train.optimizer, teacher_sample)

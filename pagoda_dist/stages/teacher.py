@@ -1,13 +1,14 @@
 """Stage 1: the low-resolution EDM diffusion teacher."""
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
 
 from pagoda_dist.config import Config, DiffusionConfig, OptimizerConfig, SamplerConfig
-from pagoda_dist.diffusion import EDMPrecond, edm_loss, sample
+from pagoda_dist.diffusion import Churn, EDMPrecond, edm_loss, per_sample_normal, sample
 from pagoda_dist.interfaces import Batch, Condition, StageInputs, StepDriver
 from pagoda_dist.models.unet import UNet
 from pagoda_dist.stages.base import export_metadata, grid_inputs
@@ -20,22 +21,35 @@ def drop_for_guidance(condition: Condition, prob: float, batch: int, device: tor
     return condition.drop(torch.rand(batch, device=device) < prob)
 
 
+def noise_seeds(noise: Tensor) -> list[int]:
+    """One seed per sample, a hash of that sample's noise alone: its stochastic sampler's fresh noise then depends on
+    nothing else (not its batch, its slice of an evaluation, or a global generator)."""
+    rows = noise.detach().float().flatten(1).cpu().numpy()
+    return [int.from_bytes(hashlib.blake2b(row.tobytes(), digest_size=8).digest(), "little") >> 1 for row in rows]
+
+
 @torch.no_grad()
 def sample_teacher(net: nn.Module, noise: Tensor, condition: Condition, diffusion: DiffusionConfig,
-                   sampler: SamplerConfig, guidance: float | Tensor | None = None) -> Tensor:
+                   sampler: SamplerConfig, guidance: float | Tensor | None = None,
+                   deterministic: bool = False) -> Tensor:
     """Images in [-1, 1] from the teacher `net` and unit `noise` with the PF-ODE `sampler` (classifier-free guided).
 
     guidance: the scale, one for the batch or a (B,) tensor with one per sample; None: sampler.guidance.
-    An empty condition samples unguided.
+    An empty condition samples unguided. sampler.churn > 0 samples stochastically (EDM), with fresh noise that is a
+    function of each sample's `noise`; `deterministic` ignores it (a distillation target is the PF-ODE's sample).
     """
     if condition.is_empty:
         guidance = 1.0
     elif guidance is None:
         guidance = sampler.guidance
     d, s = diffusion, sampler
+    churn = None
+    if s.churn > 0 and not deterministic:
+        churn = Churn(s.churn, s.churn_min, float("inf") if s.churn_max is None else s.churn_max, s.churn_noise,
+                      per_sample_normal(noise_seeds(noise)))
     result = sample(EDMPrecond(net, d.sigma_data), noise, condition, solver=s.solver, steps=s.steps,
                     sigma_min=d.sigma_min, sigma_max=d.sigma_max, rho=d.rho, guidance=guidance,
-                    null_cond=Condition.null, clamp=s.clamp)
+                    null_cond=Condition.null, clamp=s.clamp, churn=churn)
     return result.x.clamp(-1, 1)
 
 
@@ -68,9 +82,10 @@ class TeacherStage:
 
     @torch.no_grad()
     def sample(self, net: nn.Module, noise: Tensor, condition: Condition,
-               guidance: float | Tensor | None = None) -> Tensor:
-        """The teacher's PF-ODE sampler with the teacher.sampler settings (see `sample_teacher`)."""
-        return sample_teacher(net, noise, condition, self.cfg.diffusion, self.cfg.teacher.sampler, guidance)
+               guidance: float | Tensor | None = None, deterministic: bool = False) -> Tensor:
+        """The teacher's sampler with the teacher.sampler settings (see `sample_teacher`)."""
+        return sample_teacher(net, noise, condition, self.cfg.diffusion, self.cfg.teacher.sampler, guidance,
+                              deterministic)
 
     def grid_inputs(self, n: int, seed: int, first_batch: Callable[[int], Batch]) -> tuple[Tensor, Condition]:
         return grid_inputs(self.cfg, n, seed, first_batch)

@@ -1,11 +1,14 @@
 """Atomic commit of a set of objects (a checkpoint, a shard set) under one prefix URL.
 
 Protocol: write every part, then a `COMMIT` marker last. The marker is one atomic write (an S3 PUT, or temp file
-+ rename locally) listing each part with its size. A set counts as committed only when its marker exists and every
-part it lists is present with that size, so a writer that dies at any point leaves nothing that looks committed;
-the next writer to the same prefix deletes its leftovers before writing.
++ rename locally) listing each part with its size and, when the writer hashed it (`CommitSet.put`, `file_parts`),
+its SHA-256. A set counts as committed only when its marker exists and every part it lists is present with that
+size, so a writer that dies at any point leaves nothing that looks committed; the next writer to the same prefix
+deletes its leftovers before writing. `download_committed` checks every recorded SHA-256 on the copy it downloads,
+which catches what sizes cannot (a same-size corruption).
 
-One writer per prefix at a time (e.g. rank 0 after a barrier); concurrent writers to one prefix are not supported.
+One writer per prefix at a time (e.g. rank 0 after a barrier); concurrent writers to one prefix are not supported
+(a run's lease, `storage.lease`, keeps a second driver out of a run).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any, Union
 
 from .errors import (AccessDenied, AlreadyCommitted, BucketNotFound, EndpointUnreachable, NotCommitted, ObjectNotFound,
                      StorageError, StorageUnavailable)
-from .ops import copy_file, exists, list_files, read_bytes, remove, write_bytes
+from .ops import copy_file, download_dir, exists, list_files, read_bytes, remove, write_bytes
 from .urls import join
 
 log = logging.getLogger(__name__)
@@ -94,12 +97,24 @@ def _check_rel(rel: str) -> str:
     return clean
 
 
+class CommitDamaged(StorageError):
+    """A committed set whose parts do not match its marker (missing, another size, another SHA-256)."""
+
+
 def _sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def file_parts(local_dir: str | os.PathLike) -> dict[str, PartInfo]:
+    """Size and SHA-256 of every file below `local_dir` ({relative path: PartInfo}): hash files where they were
+    written, before an upload, so the marker records what the writer meant and not what storage returned."""
+    root = Path(local_dir)
+    return {p.relative_to(root).as_posix(): PartInfo(p.stat().st_size, _sha256_file(p))
+            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def is_committed(prefix: str) -> bool:
@@ -121,6 +136,25 @@ def read_commit(prefix: str) -> CommitInfo:
 def verify(prefix: str) -> list[str]:
     """Problems with the committed set at `prefix` ([] when whole); `NotCommitted` when it has no marker."""
     return read_commit(prefix).problems(list_files(prefix))
+
+
+def download_committed(prefix: str, local_dir: str | os.PathLike) -> CommitInfo:
+    """Downloads the committed set at `prefix` into `local_dir` and checks every part against its marker: size, and
+    the SHA-256 where one is recorded (hashed from the local copy, so nothing is read twice from storage).
+    `CommitDamaged` names each part that does not match; `NotCommitted` when there is no marker."""
+    info = read_commit(prefix)
+    problems = info.problems(list_files(prefix))
+    if not problems:
+        download_dir(prefix, local_dir)
+        root = Path(local_dir)
+        for rel, part in sorted(info.parts.items()):
+            local = root / rel
+            if part.sha256 is not None and _sha256_file(local) != part.sha256:
+                problems.append(f"{rel} does not match its SHA-256 ({part.size} bytes, same size: corrupted in "
+                                "place)")
+    if problems:
+        raise CommitDamaged(f"{prefix}: damaged: {'; '.join(problems)}", url=prefix)
+    return info
 
 
 def _write_marker(prefix: str, parts: dict[str, PartInfo], meta: Mapping[str, Any] | None) -> CommitInfo:
@@ -206,11 +240,14 @@ def write_committed(prefix: str, parts: Mapping[str, PartSource], meta: Mapping[
     return cs.commit(meta)
 
 
-def commit_existing(prefix: str, meta: Mapping[str, Any] | None = None, expected: Mapping[str, int] | None = None
-           ) -> CommitInfo:
-    """Commit whatever others already wrote under `prefix` (e.g. each rank's checkpoint shard, after a barrier).
+def commit_existing(prefix: str, meta: Mapping[str, Any] | None = None,
+                    expected: Mapping[str, int] | Mapping[str, PartInfo] | None = None) -> CommitInfo:
+    """Commit what others already wrote under `prefix` (e.g. each rank's checkpoint shard, after a barrier).
 
     With `expected` ({relative path: size, or -1 for any size}) the commit fails unless those parts are all there.
+    With `expected` as {relative path: PartInfo} (what the writers hashed, see `file_parts`) the marker records
+    exactly those parts with their SHA-256, and a file under `prefix` that no writer reported fails the commit
+    (something else is writing there) rather than being committed with them.
     """
     prefix = prefix.rstrip("/")
     if is_committed(prefix):
@@ -218,13 +255,22 @@ def commit_existing(prefix: str, meta: Mapping[str, Any] | None = None, expected
     present = {rel: n for rel, n in list_files(prefix).items() if rel != COMMIT_MARKER}
     if not present:
         raise ObjectNotFound(f"commit {prefix}: nothing was written under this prefix.", url=prefix)
-    if expected is not None:
-        missing = [f"{rel} ({'any size' if n < 0 else f'{n} bytes'})" for rel, n in sorted(expected.items())
-                   if rel not in present or (n >= 0 and present[rel] != n)]
-        if missing:
-            raise StorageError(f"commit {prefix}: expected parts are missing or the wrong size: "
-                               f"{', '.join(missing)}", url=prefix)
-    return _write_marker(prefix, {rel: PartInfo(n) for rel, n in present.items()}, meta)
+    if expected is None:
+        return _write_marker(prefix, {rel: PartInfo(n) for rel, n in present.items()}, meta)
+    sizes = {rel: e.size if isinstance(e, PartInfo) else e for rel, e in expected.items()}
+    missing = [f"{rel} ({'any size' if n < 0 else f'{n} bytes'})" for rel, n in sorted(sizes.items())
+               if rel not in present or (n >= 0 and present[rel] != n)]
+    if missing:
+        raise StorageError(f"commit {prefix}: expected parts are missing or the wrong size: "
+                           f"{', '.join(missing)}", url=prefix)
+    if not all(isinstance(e, PartInfo) for e in expected.values()):
+        return _write_marker(prefix, {rel: PartInfo(n) for rel, n in present.items()}, meta)
+    strangers = sorted(set(present) - set(expected))
+    if strangers:
+        raise StorageError(f"commit {prefix}: files no writer of this commit reported: {', '.join(strangers[:5])}"
+                           f"{' ...' if len(strangers) > 5 else ''}; another process is writing here. Nothing was "
+                           "committed.", url=prefix)
+    return _write_marker(prefix, dict(expected), meta)
 
 
 def _natural_key(url: str) -> list:
@@ -232,34 +278,41 @@ def _natural_key(url: str) -> list:
     return [int(tok) if tok.isdigit() else tok for tok in re.split(r"(\d+)", url.rstrip("/").rsplit("/", 1)[-1])]
 
 
-def committed_children(parent_url: str, verify_parts: bool = True) -> list[str]:
-    """URLs of the direct children of `parent_url` that are committed (and whole, when `verify_parts`), in natural
-    order (`step-9` < `step-10`). Uncommitted, half-written and broken sets are left out."""
+def marked_children(parent_url: str) -> dict[str, list[str]]:
+    """Every direct child of `parent_url` with a commit marker, as {URL: its problems} ([] when whole), in natural
+    order (`step-9` < `step-10`). An unreadable marker is a problem of its set; a failing store raises."""
     files = list_files(parent_url)  # one recursive listing serves every child's check
     by_child: dict[str, dict[str, int]] = {}
     for rel, n in files.items():
         child, _, rest = rel.partition("/")
         if rest:
             by_child.setdefault(child, {})[rest] = n
-    out = []
-    for child, present in by_child.items():
+    out: dict[str, list[str]] = {}
+    for child, present in sorted(by_child.items(), key=lambda item: _natural_key(item[0])):
         if COMMIT_MARKER not in present:
             continue
         url = join(parent_url, child)
         try:
-            info = read_commit(url)
+            out[url] = read_commit(url).problems(present)
         except (StorageUnavailable, EndpointUnreachable, AccessDenied, BucketNotFound):
             # The store failed, not the set: skipping it would quietly resume from an older checkpoint.
             raise
         except StorageError as exc:  # an unreadable or vanished marker: this set is broken
-            log.warning("skipping %s: %s", url, exc)
-            continue
-        problems = info.problems(present) if verify_parts else []
-        if problems:
+            out[url] = [str(exc)]
+    return out
+
+
+def committed_children(parent_url: str, verify_parts: bool = True) -> list[str]:
+    """URLs of the direct children of `parent_url` that are committed (and whole, when `verify_parts`), in natural
+    order (`step-9` < `step-10`). Uncommitted and half-written sets are left out, and broken ones (see
+    `marked_children`) too when `verify_parts`."""
+    out = []
+    for url, problems in marked_children(parent_url).items():
+        if problems and verify_parts:
             log.warning("skipping %s: commit marker present but %s", url, "; ".join(problems))
             continue
         out.append(url)
-    return sorted(out, key=_natural_key)
+    return out
 
 
 def latest_committed(parent_url: str) -> str | None:
