@@ -288,8 +288,9 @@ def corrupt_sample(b: Bench) -> Row:
     row = Row("corrupt input sample", survived=attempt.code == 0, losses="n/a (another stream)")
     counted = [json.loads(line).get("corrupt_samples") for line in
                (b.work / "work" / "runs" / name / "teacher" / "metrics.jsonl").read_text().splitlines()]
-    row.note = f"corrupt_samples logged: {counted[-1]}"
-    row.survived = row.survived and counted[-1] == 1
+    # Counted each time the stream meets it: once per epoch that passes over it.
+    row.note = f"corrupt_samples logged: {counted[-1]} (one garbled image, counted each time it is met)"
+    row.survived = row.survived and counted[-1] >= 1
     return row
 
 
@@ -318,7 +319,10 @@ def node_loss(b: Bench) -> Row:
     victim = next(i for i, node in enumerate(b.cluster.nodes_started) if i > 0 and node.runs(TRAIN_WORKER))
     b.cluster.kill_node(victim)
     row = b.judge(Row("node lost (SIGKILL of a worker node)"), name, b.finish(proc, name), struck, workers=2)
-    b.cluster.add_worker()
+    try:  # a replacement node for the faults after this one; the row stands either way
+        b.cluster.add_worker()
+    except Exception as exc:  # noqa: BLE001 - reported in the row's note
+        row.note = f"replacement node: {type(exc).__name__}"
     return row
 
 
