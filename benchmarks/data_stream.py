@@ -27,6 +27,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from benchmarks.common import embedded_s3
 
 
+def best_of(streams: dict[str, tuple[str, int | None]], res: int, args: argparse.Namespace
+            ) -> tuple[dict[str, float], dict[str, float]]:
+    """The best images/s and the least CPU ms per image of each stream (name -> (url, S3 server pid or None))
+    over args.repeats epochs-long measurements, alternated so that drift on a shared machine hits every stream."""
+    rates, cpu = dict.fromkeys(streams, 0.0), dict.fromkeys(streams, float("inf"))
+    for _ in range(args.repeats):
+        for name, (url, pid) in streams.items():
+            rate, ms = stream_rate(url, resolution=res, batch=args.batch, workers=args.workers, epochs=args.epochs,
+                                   window=args.window, server_pid=pid)
+            rates[name], cpu[name] = max(rates[name], rate), min(cpu[name], ms)
+    return rates, cpu
+
+
 def cpu_seconds(server_pid: int | None) -> float:
     """CPU time of this process, its reaped children (DataLoader workers) and the S3 server so far."""
     own = resource.getrusage(resource.RUSAGE_SELF)
@@ -91,13 +104,7 @@ def main() -> None:
                   f"{'local CPU ms/img':>16} {'S3 CPU ms/img':>14} {'CPU ratio':>9}")
             pid = server.status().pid
             for res in args.resolutions:
-                rates, cpu = {"local": 0.0, "s3": 0.0}, {"local": float("inf"), "s3": float("inf")}
-                for _ in range(args.repeats):  # alternate, so drift on a shared machine hits both
-                    for name, url in (("local", local), ("s3", remote)):
-                        rate, ms = stream_rate(url, resolution=res, batch=args.batch, workers=args.workers,
-                                               epochs=args.epochs, window=args.window,
-                                               server_pid=pid if name == "s3" else None)
-                        rates[name], cpu[name] = max(rates[name], rate), min(cpu[name], ms)
+                rates, cpu = best_of({"local": (local, None), "s3": (remote, pid)}, res, args)
                 print(f"{res:>5} {rates['local']:>12.0f} {rates['s3']:>10.0f} {rates['s3'] / rates['local']:>6.2f}   "
                       f"{cpu['local']:>16.3f} {cpu['s3']:>14.3f} {cpu['local'] / cpu['s3']:>9.2f}", flush=True)
         finally:

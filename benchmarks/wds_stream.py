@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from benchmarks.common import embedded_s3
-from benchmarks.data_stream import stream_rate
+from benchmarks.data_stream import best_of
 
 
 def write_img2dataset(ours: str, out: Path) -> int:
@@ -83,12 +83,7 @@ def main() -> None:
                   f"{'ours CPU ms/img':>15} {'img2dataset CPU ms/img':>22} {'CPU ratio':>9}")
             pid = server.status().pid
             for res in args.resolutions:
-                rates, cpu = {"ours": 0.0, "wds": 0.0}, {"ours": float("inf"), "wds": float("inf")}
-                for _ in range(args.repeats):  # alternate, so drift on a shared machine hits both
-                    for name, url in (("ours", ours), ("wds", index)):
-                        rate, ms = stream_rate(url, resolution=res, batch=args.batch, workers=args.workers,
-                                               epochs=args.epochs, window=args.window, server_pid=pid)
-                        rates[name], cpu[name] = max(rates[name], rate), min(cpu[name], ms)
+                rates, cpu = best_of({"ours": (ours, pid), "wds": (index, pid)}, res, args)
                 print(f"{res:>5} {rates['ours']:>11.0f} {rates['wds']:>18.0f} {rates['wds'] / rates['ours']:>6.2f}   "
                       f"{cpu['ours']:>15.3f} {cpu['wds']:>22.3f} {cpu['ours'] / cpu['wds']:>9.2f}", flush=True)
         finally:
