@@ -157,7 +157,6 @@ def read_metrics(cfg: Config) -> dict:
     return json.loads(storage.read_bytes(storage.join(cfg.run_url, "eval", "metrics.json")))
 
 
-@pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_real_evaluation_stopped_after_a_slice_resumes_to_the_same_metrics(
         tmp_path: Path, shards: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811 (the fixture)

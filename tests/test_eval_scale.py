@@ -154,7 +154,6 @@ def test_the_held_out_split_is_predicted_before_prepare(tmp_path: Path) -> None:
     assert "about 20" in check_held_out(load_config("configs/tiny.yaml", [*photos, "eval.floor_images=0"]))
 
 
-@pytest.mark.slow
 def test_pagoda_run_refuses_before_it_trains(tmp_path: Path, shards: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from pagoda_dist import pipeline
 

@@ -1,6 +1,8 @@
 """The whole chain in miniature with real components: local Ray, DeepSpeed, the embedded S3 server, precompute
 actors, real Fashion-MNIST images. A few steps per stage; what is checked is that every artefact exists and is
-committed, that a killed driver resumes with the same command, and that config errors stop everything early."""
+committed, that a killed driver resumes with the same command, that distil and grow resume exactly, and that
+config errors stop everything early. These are the default run's end-to-end rehearsals (a few minutes); the longer
+ones (paper configs on three nodes, node loss, the documents' commands, Slurm) are marked slow."""
 from __future__ import annotations
 
 import json
@@ -17,7 +19,7 @@ from pagoda_dist.config import load_config
 from pagoda_dist.pipeline import plan, run_pipeline
 from pagoda_dist.runtime import CheckpointStore
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = pytest.mark.timeout(1200)
 
 MINI = [
     "data.source=builtin:fashion-mnist", "data.limit=240", "data.shard_size=64", "data.loader_workers=1",

@@ -139,7 +139,6 @@ def test_validation_fails_before_any_actor(tmp_path: Path, no_actors: None) -> N
 
 # ------------------------------------------------------------------------------------------------ runs
 @needs_fashion
-@pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_class_pairs_on_s3_survive_a_crash_rerun_and_are_deterministic(
         s3_env: str, local_ray: object, tmp_path: Path) -> None:
@@ -193,7 +192,6 @@ def test_class_pairs_on_s3_survive_a_crash_rerun_and_are_deterministic(
 
 
 @needs_fashion
-@pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_caption_pairs_record_text_embeddings(tmp_path: Path, local_ray: object) -> None:
     cfg = make_config(str(tmp_path), text=True, **{"precompute.max_actors": 1})
@@ -265,7 +263,6 @@ def test_actors_that_cannot_be_placed_are_refused(tmp_path: Path, local_ray: obj
 
 
 @needs_fashion
-@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_pool_gives_up_when_actors_cannot_start(tmp_path: Path, local_ray: object) -> None:
     import dataclasses

@@ -54,14 +54,12 @@ def trained_teacher():
     return cfg, stage, result
 
 
-@pytest.mark.slow
 def test_teacher_loss_falls(trained_teacher) -> None:
     _, _, result = trained_teacher
     losses = [h["loss"] for h in result.history]
     assert sum(losses[-50:]) / 50 < 0.7 * sum(losses[:50]) / 50
 
 
-@pytest.mark.slow
 def test_inversion_then_sampling_reconstructs_real_images(trained_teacher) -> None:
     cfg, stage, result = trained_teacher
     x, y = real_images("photo-tiles", 16, 16, split="val")
@@ -77,7 +75,6 @@ def test_inversion_then_sampling_reconstructs_real_images(trained_teacher) -> No
     assert scores[40] > 35.0
 
 
-@pytest.mark.slow
 def test_distilled_generator_beats_its_initialisation(trained_teacher) -> None:
     cfg, teacher, result = trained_teacher
     x, y = real_images("photo-tiles", 256, 16)
