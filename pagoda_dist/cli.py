@@ -140,14 +140,13 @@ def _run_config(args: argparse.Namespace) -> Config:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pagoda_dist.eval.evaluate import evaluate_run
-    from pagoda_dist.pipeline import local_storage
+    from pagoda_dist.pipeline import evaluate_step, local_storage
     from pagoda_dist.runtime.checkpoint import NoExport
 
     cfg = _run_config(args)
     try:
         with local_storage(cfg):
-            evaluate_run(cfg)
+            evaluate_step(cfg)  # as in `pagoda run`: the metrics also reach each stage's wandb run
     except NoExport as err:  # a stage not trained yet: one line, no traceback
         print(f"pagoda evaluate: {err}", file=sys.stderr)
         return 2

@@ -100,7 +100,8 @@ class DataConfig:
     image_format: Literal["png", "jpeg"] = knob("png", "encoding of images inside the shards")
     jpeg_quality: int = knob(95, "JPEG quality when image_format is jpeg")
     shard_size: int = knob(1000, "samples per shard")
-    limit: int | None = knob(None, "use at most this many source images (a deterministic subset; None: all)")
+    limit: int | None = knob(None, "use at most this many source images (a deterministic subset; None: all); not "
+                                   "for webdataset sources, which name their tars instead")
     val_fraction: float = knob(0.05, "fraction held out for evaluation (split by source photo where known)")
     prepare_workers: int = knob(2, "shards built at once: Ray tasks (one CPU each) under `pagoda run` or with "
                                          "runtime.ray_address, else local processes")
@@ -121,6 +122,9 @@ class DataConfig:
         require(1 <= self.jpeg_quality <= 100, "jpeg_quality", "must be in [1, 100]")
         require(self.shard_size >= 1, "shard_size", "must be >= 1")
         require(self.limit is None or self.limit >= 1, "limit", "must be >= 1 (or null for all)")
+        require(self.limit is None or self.source_kind != "webdataset", "limit",
+                "is not applied to webdataset sources (their tars are read in place, whole); set data.limit=null "
+                "and name fewer tars in data.source (a brace pattern such as {00000..00009}.tar)")
         require(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
         require(self.prepare_workers >= 1, "prepare_workers", "must be >= 1")
         require(self.loader_workers >= 0, "loader_workers", "must be >= 0")

@@ -11,6 +11,17 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 pytest_plugins = ["tests.conftest_s3"]
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The default run leaves out the tests marked slow (multi-minute rehearsals): `-m slow` runs them, `-m "slow or
+    not slow"` everything, and a test named by its node id (FILE::NAME) runs whatever its mark."""
+    if config.option.markexpr or any("::" in arg for arg in config.args):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     """One local Ray for the module: 2 logical CPUs (2 shard tasks, or actors of 0.5 CPU, at once)."""

@@ -44,6 +44,7 @@ def test_overrides_are_typed_and_applied(tmp_path: Path) -> None:
     ({"grow": {"resolutions": [64]}, "model": {"resolution": 16}}, "grow.resolutions[0]", "expected 32"),
     ({"grow": {"resolutions": [32, 64]}, "data": {"resolution": 32}}, "data.resolution", "below the final"),
     ({"model": {"num_classes": 10, "text_dim": 512}}, "model.text_dim", "not both"),
+    ({"data": {"source_kind": "webdataset", "limit": 100}}, "data.limit", "not applied to webdataset"),
     ({"model": {"text_dim": 512}}, "precompute.clip_weights", "local path"),
     ({"storage": {"aws_secret_access_key": "x"}}, "storage.aws_secret_access_key", "secrets never go in a config"),
     ({"logging": {"keep_checkpoints": 1}}, "logging.keep_checkpoints", ">= 2"),

@@ -139,6 +139,7 @@ def test_validation_fails_before_any_actor(tmp_path: Path, no_actors: None) -> N
 
 # ------------------------------------------------------------------------------------------------ runs
 @needs_fashion
+@pytest.mark.slow  # its autoscaling check (1 -> 2 actors) depends on timing: a loaded machine may finish first
 @pytest.mark.timeout(240)
 def test_class_pairs_on_s3_survive_a_crash_rerun_and_are_deterministic(
         s3_env: str, local_ray: object, tmp_path: Path) -> None:

@@ -131,3 +131,21 @@ def test_report_draws_loss_and_quality_curves(tmp_path: Path) -> None:
     loss = Image.open(tmp_path / "out" / "curves" / "loss.png")
     quality = Image.open(tmp_path / "out" / "curves" / "quality.png")
     assert loss.width < quality.width  # one stage logged: one panel; two quality metrics: two panels
+
+
+def test_pagoda_evaluate_publishes_as_pagoda_run_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pagoda evaluate` alone logs its metrics into each stage's wandb run under the run's URL, like the chain's
+    evaluation step (the scoring itself is tests/test_eval*.py's; here it returns fixed metrics)."""
+    pytest.importorskip("wandb")
+    from pagoda_dist import cli
+    from pagoda_dist.eval import evaluate
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    results = {"stages": {"teacher": {"resolution": 16, "metrics": {"swd/avg": 5.0, "FID-EffNetLite0": 7.5}}}}
+    monkeypatch.setattr(evaluate, "evaluate_run", lambda cfg: results)
+    root = tmp_path / "root"
+    assert cli.main(["evaluate", str(TINY), f"run.root={root}", "run.name=r", "logging.wandb_mode=offline",
+                     "storage.embedded_s3=false"]) == 0
+    cfg = load_config(TINY, [f"run.root={root}", "run.name=r"])
+    [folder] = Path(storage.join(cfg.run_url, "teacher", "wandb")).glob("offline-run-*")
+    assert b"eval/FID-EffNetLite0" in next(folder.glob("run-*.wandb")).read_bytes()
