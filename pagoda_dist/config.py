@@ -102,7 +102,8 @@ class DataConfig:
     shard_size: int = knob(1000, "samples per shard")
     limit: int | None = knob(None, "use at most this many source images (a deterministic subset; None: all); not "
                                    "for webdataset sources, which name their tars instead")
-    val_fraction: float = knob(0.05, "fraction held out for evaluation (split by source photo where known)")
+    val_fraction: float = knob(0.05, "fraction held out for evaluation (whole images: the captions of one image "
+                                     "share its split; builtin:photo-tiles: this share of every photo's tiles)")
     prepare_workers: int = knob(2, "shards built at once: Ray tasks (one CPU each) under `pagoda run` or with "
                                          "runtime.ray_address, else local processes")
     loader_workers: int = knob(1, "DataLoader worker processes per training rank")

@@ -10,8 +10,8 @@ from pagoda_dist.data.builtin import build
 
 def real_images(name: str, count: int, resolution: int, *, split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     """(images in [-1, 1], shape (N, 3, r, r); class labels or -1) of the builtin dataset `name`."""
-    # Fashion-MNIST's official split, or photo tiles split by source photo (val_fraction 0.2): held-out images
-    # never share a photo with training ones.
+    # Fashion-MNIST's official split, or photo tiles with 20% of every photo's tiles held out: held-out tiles are
+    # never training tiles, and look like them.
     source = build(name, resolution=max(resolution, 32), val_fraction=0.2, seed=0,
                    limit=None if split == "val" or name == "photo-tiles" else 4 * count)
     items = [item for item in source.items if item.split == split][:count]

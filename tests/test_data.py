@@ -64,11 +64,15 @@ def class_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+TILES_VAL = 35 / 300  # of 300 tiles: 35 held out
+
+
 @pytest.fixture(scope="module")
 def tiles(tmp_path_factory: pytest.TempPathFactory) -> str:
     """300 real photo tiles (265 train / 35 val) at 32 px in deliberately uneven shards of 37."""
     out = str(tmp_path_factory.mktemp("tiles") / "shards")
-    prepare("builtin:photo-tiles", out, resolution=32, shard_size=37, limit=300, workers=2, progress=False)
+    prepare("builtin:photo-tiles", out, resolution=32, shard_size=37, limit=300, val_fraction=TILES_VAL, workers=2,
+            progress=False)
     return out
 
 
@@ -274,15 +278,22 @@ def test_fashion_mnist_builtin(tmp_path: Path) -> None:
     assert builtin.fashion_caption(9) == "a photo of an ankle boot"
 
 
-def test_photo_tiles_split_by_source_photo(tiles: str) -> None:
+def test_photo_tiles_hold_out_a_share_of_every_photo(tiles: str) -> None:
+    """The held-out tiles come from every photo in proportion (so they look like the training set), never a tile of
+    both splits."""
     manifest = read_manifest(tiles)
     group = {p.name: p.group for p in builtin.installed_photos()}
-    split_groups: dict[str, set[str]] = {"train": set(), "val": set()}
+    per_photo: dict[str, dict[str, set[str]]] = {}
     for ref, source in sources_by_ref(tiles).items():
-        photo_name = source.split("/s")[0]
-        split_groups[ref.split("-")[0]].add(group[photo_name])
-    assert split_groups["val"] and split_groups["train"] and not split_groups["val"] & split_groups["train"]
-    assert manifest.count("train") == 265 and [s.count for s in manifest.splits["train"]][:2] == [37, 37]
+        photo = group[source.split("/s")[0]]
+        per_photo.setdefault(photo, {"train": set(), "val": set()})[ref.split("-")[0]].add(source)
+    assert len(per_photo) == 4
+    for photo, splits in per_photo.items():
+        assert not splits["train"] & splits["val"], photo
+        size = len(splits["train"]) + len(splits["val"])
+        assert abs(len(splits["val"]) - TILES_VAL * size) <= 1, (photo, len(splits["val"]), size)
+    assert manifest.count("train") == 265 and manifest.count("val") == 35
+    assert [s.count for s in manifest.splits["train"]][:2] == [37, 37]
     assert manifest.resolution == 32 and manifest.class_names is None
 
 
@@ -304,7 +315,8 @@ def test_determinism_and_workers_do_not_change_the_stream(tiles: str, tmp_path: 
     assert first != run(2, 1)
     # prepare's bytes do not depend on its worker count either
     again = str(tmp_path / "again")
-    prepare("builtin:photo-tiles", again, resolution=32, shard_size=37, limit=300, workers=1, progress=False)
+    prepare("builtin:photo-tiles", again, resolution=32, shard_size=37, limit=300, val_fraction=TILES_VAL, workers=1,
+            progress=False)
     for name in ("train-000000.tar", "train-000007.tar", "val-000000.tar"):
         assert storage.read_bytes(storage.join(again, name)) == storage.read_bytes(storage.join(tiles, name))
 
@@ -392,7 +404,8 @@ def test_exact_resume_two_ranks_two_workers_on_s3(s3_env: str, tiles: str) -> No
 def test_uneven_shards_give_every_rank_equal_batches(tiles: str, tmp_path: Path) -> None:
     # 265 train samples in 2 shards (200 + 65) for 3 ranks: assigning shards would starve a rank.
     out = str(tmp_path / "two-shards")
-    prepare("builtin:photo-tiles", out, resolution=32, shard_size=200, limit=300, workers=1, progress=False)
+    prepare("builtin:photo-tiles", out, resolution=32, shard_size=200, limit=300, val_fraction=TILES_VAL, workers=1,
+            progress=False)
     assert [s.count for s in read_manifest(out).splits["train"]] == [200, 65]
     readers = [StreamingReader(out, batch_size=8, rank=r, world_size=3, seed=1) for r in range(3)]
     assert {r.samples_per_epoch for r in readers} == {88}

@@ -67,7 +67,8 @@ def tile_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from pagoda_dist.data.prepare import prepare
 
     out = tmp_path_factory.mktemp("tiles") / "shards"
-    prepare("builtin:photo-tiles", str(out), resolution=8, shard_size=128, workers=1, limit=384, progress=False)
+    prepare("builtin:photo-tiles", str(out), resolution=8, shard_size=128, workers=1, limit=384, val_fraction=35 / 384,
+            progress=False)
     return out
 
 
