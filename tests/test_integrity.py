@@ -238,6 +238,9 @@ def _guarded_deepspeed(rank: int, init_method: str, out: str) -> None:
                                "weights": _weights(driver)}
     Path(out, f"{rank}.json").write_text(json.dumps(results))
     dist.destroy_process_group()
+    # The results are written: leave without C++ static destructors, where a still-joinable native thread of the
+    # comm backends aborted a rank at exit once ("terminate called without an active exception").
+    os._exit(0)
 
 
 @pytest.mark.timeout(300)
