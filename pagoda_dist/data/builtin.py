@@ -25,7 +25,8 @@ Prepare them with (OUT may be a path, file:// or s3://; `prepare()` in Python ta
     pagoda prepare builtin:photo-tiles work/data/tiles-64 data.resolution=64                     # ~25 s
     pagoda prepare builtin:fashion-mnist work/data/fmnist-32 data.resolution=32 data.channels=1  # ~80 s
 Photo tiles at 64 px: 4454 tiles (4231 train / 223 val at val_fraction 0.05) with mate-backgrounds, 1084 from the
-pip packages alone; at 128 px 2996, at 256 px 734 (smoke tests only). Fashion-MNIST: 60000 train / 10000 val (timings on 2 busy cores).
+pip packages alone; at 128 px 2996, at 256 px 734 (smoke tests only). Fashion-MNIST: 60000 train / 10000 val
+(timings on 2 busy cores).
 """
 from __future__ import annotations
 
