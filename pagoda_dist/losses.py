@@ -78,8 +78,9 @@ class FeatureDistance:
 
 
 def reconstruction_distance(kind: str, feature_net: Callable[[Tensor], list[Tensor]] | None = None,
-                            feature_input_size: int | None = None) -> Distance:
-    """The distance named by `AdversarialConfig.rec_loss`: "pixel", "multiscale" or "feature" (needs feature_net)."""
+                            feature_input_size: int | None = None, multiscale_weight: float = 0.0) -> Distance:
+    """The distance named by `AdversarialConfig.rec_loss`: "pixel", "multiscale" or "feature" (needs feature_net),
+    the feature distance plus `multiscale_weight` x `multiscale_l1_l2` when that weight is > 0."""
     if kind == "pixel":
         return pixel_l2
     if kind == "multiscale":
@@ -88,7 +89,10 @@ def reconstruction_distance(kind: str, feature_net: Callable[[Tensor], list[Tens
         if feature_net is None:
             raise ValueError("rec_loss 'feature' needs a frozen feature network: set "
                              "adversarial.discriminator.backbone (or pass feature_net)")
-        return FeatureDistance(feature_net, feature_input_size)
+        feature = FeatureDistance(feature_net, feature_input_size)
+        if multiscale_weight <= 0:
+            return feature
+        return lambda x, target: feature(x, target) + multiscale_weight * multiscale_l1_l2(x, target)
     raise ValueError(f"rec_loss {kind!r}: expected 'pixel', 'multiscale' or 'feature'")
 
 

@@ -58,6 +58,25 @@ def test_feature_distance_and_factory() -> None:
         reconstruction_distance("lpips")
 
 
+def test_feature_distance_is_blind_to_a_brightness_shift_that_the_added_multiscale_term_sees() -> None:
+    """Channel-normalised features of a bias-free layer do not change when the image is scaled: the feature
+    distance alone lets a reconstruction's brightness drift; rec_multiscale_weight adds the pixel term back."""
+    from pagoda_dist.config import ConfigError, load_config
+
+    torch.manual_seed(0)
+    net = nn.Conv2d(3, 4, 3, padding=1, bias=False).requires_grad_(False)
+    features = lambda t: [net(t)]  # noqa: E731
+    x = torch.rand(2, 3, 8, 8) * 2 - 1
+    darker = 0.5 * x
+    feature_only = reconstruction_distance("feature", features)
+    combined = reconstruction_distance("feature", features, multiscale_weight=2.0)
+    assert feature_only(darker, x).item() == pytest.approx(0.0, abs=1e-6)
+    assert combined(darker, x).item() == pytest.approx(2.0 * multiscale_l1_l2(darker, x).item(), rel=1e-5)
+    assert combined(darker, x).item() > 0.1
+    with pytest.raises(ConfigError, match="rec_multiscale_weight"):
+        load_config(None, ["distill.adversarial.rec_multiscale_weight=1.0"])  # rec_loss is multiscale
+
+
 def test_distillation_loss_pools_grown_output_and_holds_teacher_constant() -> None:
     fake = torch.ones(2, 3, 16, 16, requires_grad=True)
     teacher = torch.zeros(2, 3, 8, 8, requires_grad=True)

@@ -360,8 +360,8 @@ def test_projected_discriminator_on_frozen_backbone() -> None:
     from pagoda_dist.models.efficientnet_lite0 import default_weights_path
 
     cfg = DiscriminatorConfig(channels=8, num_scales=2, backbone="efficientnet_lite0",
-                              backbone_weights=str(default_weights_path()))
-    disc = Discriminator(cfg, 16, num_classes=NUM_CLASSES, backbone_input_size=64)
+                              backbone_weights=str(default_weights_path()), backbone_input_size=64)
+    disc = Discriminator(cfg, 16, num_classes=NUM_CLASSES)
     disc.train()
     assert not disc.backbone.training and not any(p.requires_grad for p in disc.backbone.parameters())
     frozen = {n: p.clone() for n, p in disc.backbone.state_dict().items()}
@@ -375,11 +375,38 @@ def test_projected_discriminator_on_frozen_backbone() -> None:
     assert all(torch.equal(frozen[n], p) for n, p in disc.backbone.state_dict().items())
 
 
+def _record_backbone_inputs(disc: Discriminator) -> list[tuple[int, ...]]:
+    """The shapes the discriminator's backbone is called with, from now on."""
+    seen: list[tuple[int, ...]] = []
+    features = disc.backbone.forward_features
+
+    def recording(x: torch.Tensor) -> list[torch.Tensor]:
+        seen.append(tuple(x.shape))
+        return features(x)
+    disc.backbone.forward_features = recording
+    return seen
+
+
+def test_projected_discriminator_resizes_to_the_configured_backbone_input() -> None:
+    """discriminator.backbone_input_size is the side the backbone sees (the feature distance reuses it); a side the
+    backbone cannot downsample 32x is refused with the key named."""
+    from pagoda_dist.config import ConfigError, load_config
+
+    for side in (64, 96):
+        cfg = DiscriminatorConfig(channels=8, num_scales=2, backbone="efficientnet_lite0", backbone_input_size=side)
+        disc = Discriminator(cfg, 16)
+        seen = _record_backbone_inputs(disc)
+        disc(torch.rand(2, 3, 16, 16) * 2 - 1)
+        assert seen == [(2, 3, side, side)]
+    with pytest.raises(ConfigError, match="backbone_input_size"):
+        load_config(None, ["distill.adversarial.discriminator.backbone_input_size=100"])
+
+
 def test_projected_discriminator_runs_with_bf16_weights_and_fp32_statistics() -> None:
     """DeepSpeed's bf16 mode casts the parameters, the frozen backbone's included, but not its batch-norm running
     statistics: the projected discriminator must still run (a bf16 paper config stopped there), on the CPU too."""
-    cfg = DiscriminatorConfig(channels=8, num_scales=2, backbone="efficientnet_lite0")
-    disc = Discriminator(cfg, 32, num_classes=NUM_CLASSES, backbone_input_size=64)
+    cfg = DiscriminatorConfig(channels=8, num_scales=2, backbone="efficientnet_lite0", backbone_input_size=64)
+    disc = Discriminator(cfg, 32, num_classes=NUM_CLASSES)
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     reference = disc(x, make_condition("class", 2))
     for p in disc.parameters():  # what DeepSpeed's bf16 engine does to a module's parameters
@@ -397,8 +424,8 @@ def test_feature_distance_runs_on_a_bf16_backbone_with_fp32_images() -> None:
     """rec_loss=feature calls the discriminator's frozen backbone outside the bf16 engine, with fp32 images."""
     from pagoda_dist.losses import reconstruction_distance
 
-    cfg = DiscriminatorConfig(channels=8, num_scales=2, backbone="efficientnet_lite0")
-    disc = Discriminator(cfg, 32, num_classes=NUM_CLASSES, backbone_input_size=64)
+    cfg = DiscriminatorConfig(channels=8, num_scales=2, backbone="efficientnet_lite0", backbone_input_size=64)
+    disc = Discriminator(cfg, 32, num_classes=NUM_CLASSES)
     for p in disc.parameters():
         p.data = p.data.to(torch.bfloat16)
     distance = reconstruction_distance("feature", disc.backbone.forward_features, 64)

@@ -108,11 +108,10 @@ class Discriminator(nn.Module):
         in_channels: int = 3,
         num_classes: int = 0,
         text_dim: int = 0,
-        backbone_input_size: int = 224,
     ) -> None:
         super().__init__()
         self.resolution = resolution
-        self.backbone_input_size = backbone_input_size
+        self.backbone_input_size = cfg.backbone_input_size
         if cfg.backbone == "efficientnet_lite0":
             # Imported only here: the plain discriminator needs neither the backbone code nor its weights.
             from pagoda_dist.models.efficientnet_lite0 import load_efficientnet_lite0
