@@ -31,8 +31,13 @@ class StageSpec:
     batch_key: str              # the config key of that batch size, for messages
 
     def adversarial(self, cfg: Config) -> AdversarialConfig | None:
-        """The reconstruction + GAN settings of a distil or grow stage (None for the teacher)."""
-        return {"teacher": None, "distill": cfg.distill.adversarial, "grow": cfg.grow.adversarial}[self.kind]
+        """The reconstruction + GAN settings of a distil or grow stage (None for the teacher): a growth resolution
+        in grow.reconstruction_only gets grow.adversarial with the GAN off (and so no second stream of reals)."""
+        if self.kind != "grow":
+            return {"teacher": None, "distill": cfg.distill.adversarial}[self.kind]
+        if self.resolution in cfg.grow.reconstruction_only:
+            return dataclasses.replace(cfg.grow.adversarial, gan_weight=0.0, separate_real_stream=False)
+        return cfg.grow.adversarial
 
 
 def chain(cfg: Config) -> list[StageSpec]:

@@ -434,6 +434,10 @@ class GrowStageConfig:
     recon_discriminator_weight: float = knob(
         0.5, "factor on the reconstruction discriminator's adaptive weight, clipped like adversarial.adaptive_clip "
              "(reference: 0.5)")
+    reconstruction_only: list[int] = knob(
+        [], "growth resolutions trained by reconstruction alone: GAN factor 0 there, so no discriminator is "
+            "trained (rec_loss feature still runs its frozen backbone), the rest of grow.adversarial as set (empty: "
+            "the GAN term at every growth resolution, as in the paper)")
     batch_sizes: list[int] = knob([], "global batch of each growth stage, one per resolution (empty: "
                                       "grow.train.batch_size for all; reference: 256, 360, 512 at 128, 256, 512)")
     train: TrainConfig = section(TrainConfig, "training of each growth stage")
@@ -441,7 +445,7 @@ class GrowStageConfig:
 
     def __post_init__(self) -> None:
         require(self.trainable_decoder_blocks >= 0, "trainable_decoder_blocks", "must be >= 0")
-        for key in ("split_steps", "recon_discriminator"):
+        for key in ("split_steps", "recon_discriminator", "reconstruction_only"):
             listed = getattr(self, key)
             require(len(set(listed)) == len(listed) and set(listed) <= set(self.resolutions), key,
                     f"{listed} must list distinct growth resolutions, each one of grow.resolutions {self.resolutions}")
@@ -459,6 +463,9 @@ class GrowStageConfig:
                 f"reconstruction update of a split step; list these resolutions in split_steps too "
                 f"(now {self.split_steps})")
         require(self.recon_discriminator_weight > 0, "recon_discriminator_weight", "must be > 0")
+        both = sorted(set(self.split_steps) & set(self.reconstruction_only))
+        require(not both, "reconstruction_only", f"{both} also in split_steps, whose second update trains the GAN "
+                                                 "term; list each resolution in one of the two")
 
 
 @dataclass

@@ -67,8 +67,8 @@ def _text_to_image_lines(cfg: Config) -> list[str]:
 
 
 def _training_detail_lines(cfg: Config) -> list[str]:
-    """The reference's training details a config turns on (flips, split steps, reconstruction discriminator), one
-    line each (none when off)."""
+    """The training details a config turns on (flips, split steps, growth without the GAN, reconstruction
+    discriminator), one line each (none when off)."""
     g, lines = cfg.grow, []
 
     def stages_at(resolutions: list[int]) -> str:
@@ -81,6 +81,9 @@ def _training_detail_lines(cfg: Config) -> list[str]:
     if g.split_steps:
         lines.append(f"  split step: {stages_at(g.split_steps)}: a reconstruction update, then a "
                      f"GAN update at the fixed weight x{g.adversarial.gan_weight:g}")
+    if g.reconstruction_only and g.adversarial.uses_gan:
+        lines.append(f"  no GAN:     {stages_at(g.reconstruction_only)}: reconstruction alone "
+                     "(grow.reconstruction_only)")
     if g.recon_discriminator:
         lines.append(f"  recon. D:   {stages_at(g.recon_discriminator)}: a second discriminator "
                      f"on reconstructions, x{g.recon_discriminator_weight:g} adaptive weight")

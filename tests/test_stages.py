@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pagoda_dist.chain import stage_spec
-from pagoda_dist.config import Config, load_config
+from pagoda_dist.config import Config, ConfigError, load_config
 from pagoda_dist.diffusion import EDMPrecond, invert, sample
 from pagoda_dist.interfaces import Condition
 from pagoda_dist.interfaces import Batch
@@ -124,8 +124,9 @@ def test_grow_trains_only_new_and_late_layers() -> None:
 
 
 def test_reconstruction_only_growth_has_no_discriminator_and_counts_no_gan_flops() -> None:
-    """gan_weight 0 (configs/tiles.yaml's growth): no discriminator engine, a step that trains by reconstruction
-    alone, and a compute ledger that counts one generator pass per image instead of two plus the discriminator's."""
+    """gan_weight 0 (reconstruction alone, as configs/tiles.yaml's grow-64): no discriminator engine, a step that
+    trains by reconstruction alone, and a compute ledger that counts one generator pass per image instead of two plus
+    the discriminator's."""
     from pagoda_dist.eval.report import compute_ledger
 
     torch.manual_seed(0)
@@ -150,6 +151,39 @@ def test_reconstruction_only_growth_has_no_discriminator_and_counts_no_gan_flops
     for stage in ("grow-32", "grow-64"):
         # with the GAN: 2 G passes + 3 D passes; without: 1 G pass, so under half of it
         assert 0 < without[stage]["flops_per_image"] < 0.5 * with_gan[stage]["flops_per_image"]
+
+
+def test_reconstruction_only_turns_the_gan_off_at_the_listed_growth_resolutions_alone() -> None:
+    """grow.reconstruction_only [64]: grow-32 keeps grow.adversarial's GAN (its discriminator, its second stream of
+    reals), grow-64 trains by reconstruction alone with neither, and the ledger counts each stage as it runs."""
+    from pagoda_dist.eval.report import compute_ledger
+
+    torch.manual_seed(0)
+    gan = ["grow.adversarial.gan_weight=1.0", "grow.adversarial.independent_noise=true",
+           "grow.adversarial.separate_real_stream=true"]
+    cfg = small_config(*gan, "grow.reconstruction_only=[64]")
+    teacher = build_teacher(cfg)
+    for p in teacher.net.parameters():  # trained-like weights: zero-initialised heads would block every gradient
+        p.data.normal_(0, 0.05)
+    distill = build_distill(cfg, export_of(teacher, teacher.net))
+    grow32 = build_grow(cfg, stage_spec(cfg, "grow-32"), export_of(distill, distill.generator))
+    assert grow32.discriminator is not None and grow32.inputs.gan_reals and grow32.adv.gan_weight == 1.0
+    grow64 = build_grow(cfg, stage_spec(cfg, "grow-64"), export_of(grow32, grow32.generator))
+    assert grow64.discriminator is None and not grow64.inputs.gan_reals
+    assert set(grow64.trainable()) == {"generator"}
+    x = torch.rand(4, 3, 64, 64) * 2 - 1
+    batch = Batch(x, Condition(class_labels=torch.arange(4)), torch.randn(4, 3, 16, 16) * 80)
+    last = train_single_process(grow64, itertools.repeat(batch), steps=2, train=cfg.grow.train).history[-1]
+    assert "d_loss" not in last and last["loss"] == pytest.approx(last["rec"])
+
+    everywhere = compute_ledger(small_config(*gan), {})["stages"]
+    listed = compute_ledger(cfg, {})["stages"]
+    assert listed["grow-32"]["flops_per_image"] == everywhere["grow-32"]["flops_per_image"]
+    assert 0 < listed["grow-64"]["flops_per_image"] < 0.5 * everywhere["grow-64"]["flops_per_image"]
+    with pytest.raises(ConfigError, match="grow.reconstruction_only: \\[64\\] also in split_steps"):
+        small_config(*gan, "grow.reconstruction_only=[64]", "grow.split_steps=[64]")
+    with pytest.raises(ConfigError, match="grow.reconstruction_only"):
+        small_config(*gan, "grow.reconstruction_only=[128]")
 
 
 def test_mismatched_exports_are_refused_with_the_difference() -> None:

@@ -23,4 +23,4 @@ def build_grow(cfg: Config, spec: StageSpec, previous_export: dict[str, Any]) ->
     if 2 * previous.resolution != spec.resolution:
         raise ValueError(f"cannot grow the {previous.resolution}px generator to {spec.resolution}px: growth doubles it")
     generator = previous.grow(cfg.grow.trainable_decoder_blocks)
-    return AdversarialStage(cfg, spec.name, generator, cfg.grow.adversarial, cfg.grow.train.optimizer)
+    return AdversarialStage(cfg, spec.name, generator, spec.adversarial(cfg), cfg.grow.train.optimizer)
