@@ -33,8 +33,10 @@ class StageSpec:
     def adversarial(self, cfg: Config) -> AdversarialConfig | None:
         """The reconstruction + GAN settings of a distil or grow stage (None for the teacher): a growth resolution
         in grow.reconstruction_only gets grow.adversarial with the GAN off (and so no second stream of reals)."""
-        if self.kind != "grow":
-            return {"teacher": None, "distill": cfg.distill.adversarial}[self.kind]
+        if self.kind == "teacher":
+            return None
+        if self.kind == "distill":
+            return cfg.distill.adversarial
         if self.resolution in cfg.grow.reconstruction_only:
             return dataclasses.replace(cfg.grow.adversarial, gan_weight=0.0, separate_real_stream=False)
         return cfg.grow.adversarial

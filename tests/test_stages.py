@@ -13,7 +13,7 @@ from pagoda_dist.interfaces import Condition
 from pagoda_dist.interfaces import Batch
 from pagoda_dist.models.checkpoint_safety import ArchitectureMismatchError
 from pagoda_dist.runtime.single import train_single_process
-from pagoda_dist.stages import build_distill, build_grow, build_teacher
+from pagoda_dist.stages import AdversarialStage, build_distill, build_grow, build_teacher
 from tests.real_images import real_images
 
 SMALL = ["model.channels=16", "model.channel_mult=[1,2]", "model.attn_resolutions=[8]", "model.num_classes=10",
@@ -35,6 +35,16 @@ def batches(x: torch.Tensor, labels: torch.Tensor, size: int, latents: torch.Ten
 
 def export_of(stage, net) -> dict:
     return {"architecture": stage.architecture(), "ema": net.state_dict()}
+
+
+def distill_and_grow32(cfg: Config) -> tuple[AdversarialStage, AdversarialStage]:
+    """The distil stage and grow-32 built on a randomly initialised teacher with trained-like weights (zero-initialised
+    heads would block every gradient)."""
+    teacher = build_teacher(cfg)
+    for p in teacher.net.parameters():
+        p.data.normal_(0, 0.05)
+    distill = build_distill(cfg, export_of(teacher, teacher.net))
+    return distill, build_grow(cfg, stage_spec(cfg, "grow-32"), export_of(distill, distill.generator))
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -97,11 +107,7 @@ def test_distilled_generator_beats_its_initialisation(trained_teacher) -> None:
 def test_grow_trains_only_new_and_late_layers() -> None:
     torch.manual_seed(0)
     cfg = small_config()
-    teacher = build_teacher(cfg)
-    for p in teacher.net.parameters():  # trained-like weights: zero-initialised heads would block every gradient
-        p.data.normal_(0, 0.05)
-    distill = build_distill(cfg, export_of(teacher, teacher.net))
-    grow32 = build_grow(cfg, stage_spec(cfg, "grow-32"), export_of(distill, distill.generator))
+    _, grow32 = distill_and_grow32(cfg)
     g = grow32.generator
     assert grow32.name == "grow-32" and g.resolution == 32 and grow32.inputs.resolution == 32
     before = {n: p.detach().clone() for n, p in g.named_parameters()}
@@ -131,11 +137,7 @@ def test_reconstruction_only_growth_has_no_discriminator_and_counts_no_gan_flops
 
     torch.manual_seed(0)
     cfg = small_config("grow.adversarial.gan_weight=0", "grow.adversarial.rec_loss=pixel")
-    teacher = build_teacher(cfg)
-    for p in teacher.net.parameters():  # trained-like weights: zero-initialised heads would block every gradient
-        p.data.normal_(0, 0.05)
-    distill = build_distill(cfg, export_of(teacher, teacher.net))
-    grow32 = build_grow(cfg, stage_spec(cfg, "grow-32"), export_of(distill, distill.generator))
+    distill, grow32 = distill_and_grow32(cfg)
     assert grow32.discriminator is None
     assert set(grow32.trainable()) == set(grow32.optimizers()) == {"generator"}
     assert set(distill.trainable()) == {"generator", "discriminator"}  # distillation keeps its GAN term
@@ -162,11 +164,7 @@ def test_reconstruction_only_turns_the_gan_off_at_the_listed_growth_resolutions_
     gan = ["grow.adversarial.gan_weight=1.0", "grow.adversarial.independent_noise=true",
            "grow.adversarial.separate_real_stream=true"]
     cfg = small_config(*gan, "grow.reconstruction_only=[64]")
-    teacher = build_teacher(cfg)
-    for p in teacher.net.parameters():  # trained-like weights: zero-initialised heads would block every gradient
-        p.data.normal_(0, 0.05)
-    distill = build_distill(cfg, export_of(teacher, teacher.net))
-    grow32 = build_grow(cfg, stage_spec(cfg, "grow-32"), export_of(distill, distill.generator))
+    _, grow32 = distill_and_grow32(cfg)
     assert grow32.discriminator is not None and grow32.inputs.gan_reals and grow32.adv.gan_weight == 1.0
     grow64 = build_grow(cfg, stage_spec(cfg, "grow-64"), export_of(grow32, grow32.generator))
     assert grow64.discriminator is None and not grow64.inputs.gan_reals
