@@ -438,6 +438,15 @@ class GrowStageConfig:
         [], "growth resolutions trained by reconstruction alone: GAN factor 0 there, so no discriminator is "
             "trained (rec_loss feature still runs its frozen backbone), the rest of grow.adversarial as set (empty: "
             "the GAN term at every growth resolution, as in the paper)")
+    detail_only: list[int] = knob(
+        [], "growth resolutions whose octave adds detail only: each 2x2 block's mean is removed from its head's "
+            "residual, so the grown image keeps exactly the 2x2 means of bicubic x2 of the stage below (it cannot "
+            "redraw that stage's colour and layout; empty: the head's residual as it is)")
+    freeze_below: list[int] = knob(
+        [], "growth resolutions whose stage trains only its new octave and head (plus the last "
+            "trainable_decoder_blocks decoder blocks): the base output head and the octaves grown before stay "
+            "frozen, so with trainable_decoder_blocks 0 the image of the stage below is kept exactly (empty: they "
+            "train too at every growth resolution)")
     batch_sizes: list[int] = knob([], "global batch of each growth stage, one per resolution (empty: "
                                       "grow.train.batch_size for all; reference: 256, 360, 512 at 128, 256, 512)")
     train: TrainConfig = section(TrainConfig, "training of each growth stage")
@@ -445,7 +454,7 @@ class GrowStageConfig:
 
     def __post_init__(self) -> None:
         require(self.trainable_decoder_blocks >= 0, "trainable_decoder_blocks", "must be >= 0")
-        for key in ("split_steps", "recon_discriminator", "reconstruction_only"):
+        for key in ("split_steps", "recon_discriminator", "reconstruction_only", "detail_only", "freeze_below"):
             listed = getattr(self, key)
             require(len(set(listed)) == len(listed) and set(listed) <= set(self.resolutions), key,
                     f"{listed} must list distinct growth resolutions, each one of grow.resolutions {self.resolutions}")

@@ -68,7 +68,7 @@ def _text_to_image_lines(cfg: Config) -> list[str]:
 
 def _training_detail_lines(cfg: Config) -> list[str]:
     """The training details a config turns on (flips, split steps, growth without the GAN, reconstruction
-    discriminator), one line each (none when off)."""
+    discriminator, growth of the new octave alone, detail-only octaves), one line each (none when off)."""
     g, lines = cfg.grow, []
 
     def stages_at(resolutions: list[int]) -> str:
@@ -87,6 +87,12 @@ def _training_detail_lines(cfg: Config) -> list[str]:
     if g.recon_discriminator:
         lines.append(f"  recon. D:   {stages_at(g.recon_discriminator)}: a second discriminator "
                      f"on reconstructions, x{g.recon_discriminator_weight:g} adaptive weight")
+    if g.freeze_below:
+        lines.append(f"  own octave: {stages_at(g.freeze_below)}: trains its new octave alone, the image below "
+                     "frozen (grow.freeze_below)")
+    if g.detail_only:
+        lines.append(f"  detail:     {stages_at(g.detail_only)}: adds detail only, the 2x2 means of bicubic x2 of "
+                     "the image below kept (grow.detail_only)")
     return lines
 
 

@@ -215,6 +215,32 @@ def test_grow_doubles_resolution_twice_and_starts_near_the_upsampled_output() ->
 
 
 
+def test_a_detail_only_octave_keeps_the_2x2_means_of_the_bicubic_baseline_whatever_its_head_learns() -> None:
+    _, gen = grown_pair()
+    z, cond = torch.randn(2, 3, 8, 8) * 80, make_condition("class", 2)
+    detail, plain = gen.grow(detail_only=True), gen.grow()
+    g32 = detail.grow()  # a later plain octave keeps the earlier octave's kind
+    with torch.no_grad():
+        for g in (detail, plain):  # a trained head: its residual is far from zero
+            g.growth_heads[0].conv.weight.normal_(0, 0.3)
+            g.growth_heads[0].conv.bias.normal_(0, 0.3)
+        g32.load_state_dict(detail.state_dict(), strict=False)
+        base = F.interpolate(gen(z, cond), scale_factor=2, mode="bicubic", align_corners=False)
+        means = lambda x: F.avg_pool2d(x, 2)  # noqa: E731
+        torch.testing.assert_close(means(detail(z, cond)), means(base), rtol=0, atol=1e-5)
+        assert (means(plain(z, cond)) - means(base)).abs().max() > 0.1  # the plain octave redraws them
+        assert (detail(z, cond) - base).abs().max() > 0.1  # and the detail octave does add detail
+    assert (detail.detail_resolutions, g32.detail_resolutions, plain.detail_resolutions) == ([16], [16], [])
+    record = checkpoint_payload(g32)["architecture"]
+    assert record["detail_resolutions"] == [16]
+    assert "detail_resolutions" not in checkpoint_payload(plain)["architecture"]
+    assert OneStepGenerator.from_architecture(record).detail_resolutions == [16]
+    with pytest.raises(ArchitectureMismatchError, match="detail_resolutions"):
+        load_checked(plain, checkpoint_payload(detail))  # a plain generator does not take a detail-only export
+    with pytest.raises(ValueError, match="detail_resolutions \\[64\\] must be growth resolutions"):
+        OneStepGenerator(gen.cfg, growth_resolutions=[16], detail_resolutions=[64])
+
+
 def test_a_generator_grown_before_residual_heads_is_refused_by_name() -> None:
     """Grown exports from the earlier layout (base head on upsampled features) name the field that differs."""
     _, gen = grown_pair()
@@ -266,6 +292,28 @@ def test_trainable_decoder_blocks_zero_keeps_only_new_parts() -> None:
     g16 = gen.grow(trainable_decoder_blocks=0)
     names = {n.split(".")[0] + "." + n.split(".")[1] for n, p in g16.named_parameters() if p.requires_grad}
     assert names == {"growth.0", "growth_heads.0", "net.out"}
+
+
+def test_freeze_below_trains_the_newest_octave_alone_and_keeps_the_image_below() -> None:
+    _, gen = grown_pair()
+    z, cond = torch.randn(2, 3, 8, 8) * 80, make_condition("class", 2)
+    trained = lambda g: {".".join(n.split(".")[:2]) for n, p in g.named_parameters() if p.requires_grad}  # noqa: E731
+    g16 = randomize_(gen.grow(trainable_decoder_blocks=0, freeze_below=True), seed=1)
+    g32 = randomize_(g16.grow(), seed=2)  # the policy carries over to later octaves
+    assert trained(g16) == {"growth.0", "growth_heads.0"} and trained(g32) == {"growth.1", "growth_heads.1"}
+    assert trained(g16.grow(freeze_below=False)) == {"growth.0", "growth.1", "growth_heads.0", "growth_heads.1",
+                                                     "net.out"}
+    assert checkpoint_payload(g32)["architecture"]["freeze_below"] is True
+    assert "freeze_below" not in checkpoint_payload(gen)["architecture"]  # a distilled generator's record is as before
+    assert OneStepGenerator.from_architecture(checkpoint_payload(g32)["architecture"]).freeze_below
+    with torch.no_grad():
+        below = g16(z, cond)
+    opt = torch.optim.SGD(g32.parameters(), lr=0.1)
+    (g32(z, cond) - 0.5).square().mean().backward()
+    opt.step()
+    with torch.no_grad():  # a step of the 32 px stage leaves the 16 px image untouched
+        g16.load_state_dict({k: v for k, v in g32.state_dict().items() if k in g16.state_dict()})
+        torch.testing.assert_close(g16(z, cond), below, rtol=0, atol=0)
 
 
 def test_generator_channels_last_growth_matches_contiguous() -> None:

@@ -155,6 +155,39 @@ def test_reconstruction_only_growth_has_no_discriminator_and_counts_no_gan_flops
         assert 0 < without[stage]["flops_per_image"] < 0.5 * with_gan[stage]["flops_per_image"]
 
 
+def test_detail_only_and_freeze_below_reach_the_growth_stages_from_the_config() -> None:
+    """grow.detail_only [64] and grow.freeze_below [64]: grow-32 is a plain octave whose base head trains, grow-64 a
+    detail-only one that trains its own octave alone: two steps of it leave the 32 px image it grew from exactly as it
+    was. The networks the memory estimate builds carry the same records."""
+    from pagoda_dist.dry_run import describe
+    from pagoda_dist.stages.networks import stage_networks
+
+    torch.manual_seed(0)
+    cfg = small_config("grow.detail_only=[64]", "grow.freeze_below=[64]", "grow.trainable_decoder_blocks=0")
+    _, grow32 = distill_and_grow32(cfg)
+    grow64 = build_grow(cfg, stage_spec(cfg, "grow-64"), export_of(grow32, grow32.generator))
+    assert (grow32.generator.detail_resolutions, grow64.generator.detail_resolutions) == ([], [64])
+    assert (grow32.generator.freeze_below, grow64.generator.freeze_below) == (False, True)
+    assert grow32.generator.net.out.conv.weight.requires_grad and not grow64.generator.net.out.conv.weight.requires_grad
+    for stage in (grow32, grow64):
+        assert stage_networks(cfg, stage_spec(cfg, stage.name))[0].architecture() == stage.architecture()
+    z = torch.randn(4, 3, 16, 16) * 80
+    with torch.no_grad():
+        before = grow32.generator(z, Condition(class_labels=torch.arange(4)))
+    batch = Batch(torch.rand(4, 3, 64, 64) * 2 - 1, Condition(class_labels=torch.arange(4)), z)
+    train_single_process(grow64, itertools.repeat(batch), steps=2, train=cfg.grow.train)
+    below = grow32.generator
+    below.load_state_dict({k: v for k, v in grow64.generator.state_dict().items() if k in below.state_dict()})
+    with torch.no_grad():
+        torch.testing.assert_close(below(z, Condition(class_labels=torch.arange(4))), before, rtol=0, atol=0)
+    for key in ("detail_only", "freeze_below"):
+        with pytest.raises(ConfigError, match=f"grow.{key}"):
+            small_config(f"grow.{key}=[128]")
+    text = describe(cfg, "test")
+    assert "own octave: grow-64: trains its new octave alone" in text and "detail:     grow-64: adds detail" in text
+    assert "own octave" not in describe(small_config(), "test")
+
+
 def test_reconstruction_only_turns_the_gan_off_at_the_listed_growth_resolutions_alone() -> None:
     """grow.reconstruction_only [64]: grow-32 keeps grow.adversarial's GAN (its discriminator, its second stream of
     reals), grow-64 trains by reconstruction alone with neither, and the ledger counts each stage as it runs."""

@@ -12,6 +12,11 @@ below (the baseline growth must beat) and training adds the detail. (Applying th
 instead leaves its zero padding one feature row off what the base network learned to compensate: a bright frame
 along every border.)
 
+A detail-only octave (`detail_resolutions`) removes each 2x2 block's mean from its head's residual: its image then
+has exactly the 2x2 means of bicubic x2 of the image below, so it adds detail and cannot redraw the colour and
+layout the stage below drew (a reconstruction distance otherwise also pulls that content towards its conditional
+mean, which blurs it).
+
 A guidance-aware generator (text-to-image PaGoDA) also takes the classifier-free guidance scale w it should
 imitate, per sample, as `Condition.guidance` (missing: w = 1, unguided). Its embedding is added to the UNet's
 noise-and-condition embedding and starts at exactly zero, so the teacher copy is unchanged until training moves it.
@@ -36,6 +41,11 @@ from pagoda_dist.models.unet import UNet, model_record
 
 GROWTH_BLOCKS = 3  # per octave: one upsampling block, then two blocks at the new resolution
 GROWTH_OUTPUT = "bicubic+residual"  # each octave: bicubic x2 of the image below plus its own head's residual
+
+
+def without_block_means(residual: Tensor) -> Tensor:
+    """`residual` minus the mean of each 2x2 block (nearest-upsampled back): every 2x2 block then sums to exactly 0."""
+    return residual - F.interpolate(F.avg_pool2d(residual, 2), scale_factor=2, mode="nearest")
 
 
 class GuidanceEmbedding(nn.Module):
@@ -80,12 +90,17 @@ class OneStepGenerator(nn.Module):
         sigma_max: float = 80.0,
         sigma_data: float = SIGMA_DATA,
         guidance_input: bool = False,
+        detail_resolutions: list[int] | tuple[int, ...] = (),
+        freeze_below: bool = False,
     ) -> None:
         super().__init__()
         expected = [cfg.resolution * 2 ** (k + 1) for k in range(len(growth_resolutions))]
         if list(growth_resolutions) != expected:
             raise ValueError(f"growth_resolutions {list(growth_resolutions)} must double from model.resolution "
                              f"{cfg.resolution} each step: expected {expected}")
+        if not set(detail_resolutions) <= set(growth_resolutions):
+            raise ValueError(f"detail_resolutions {list(detail_resolutions)} must be growth resolutions "
+                             f"{list(growth_resolutions)}")
         if trainable_decoder_blocks < 0:
             raise ValueError(f"trainable_decoder_blocks must be >= 0, got {trainable_decoder_blocks}")
         self.cfg = cfg
@@ -94,6 +109,8 @@ class OneStepGenerator(nn.Module):
         self.sigma_max = float(sigma_max)
         self.sigma_data = float(sigma_data)
         self.guidance_input = bool(guidance_input)
+        self.detail_resolutions = sorted(detail_resolutions)
+        self.freeze_below = bool(freeze_below)
         if self.guidance_input and not (cfg.num_classes or cfg.text_dim):
             raise ValueError("a guidance-aware generator needs a conditional model (model.num_classes or "
                              "model.text_dim): classifier-free guidance steers towards a condition")
@@ -129,23 +146,33 @@ class OneStepGenerator(nn.Module):
         return cls(ModelConfig(**arch["model"]), growth_resolutions=arch["growth_resolutions"],
                    trainable_decoder_blocks=arch["trainable_decoder_blocks"],
                    sigma_max=arch["sigma_max"], sigma_data=arch["sigma_data"],
-                   guidance_input=arch.get("guidance_input", False))
+                   guidance_input=arch.get("guidance_input", False),
+                   detail_resolutions=arch.get("detail_resolutions", []),
+                   freeze_below=arch.get("freeze_below", False))
 
-    def grow(self, trainable_decoder_blocks: int | None = None) -> OneStepGenerator:
-        """A new generator at twice the resolution: this one's weights copied by name and shape, freeze applied.
+    def grow(self, trainable_decoder_blocks: int | None = None, *, detail_only: bool = False,
+             freeze_below: bool | None = None) -> OneStepGenerator:
+        """A new generator at twice the resolution: this one's weights copied by name and shape, freeze applied;
+        `detail_only` makes the new octave a detail-only one (see the module doc), `freeze_below` (None: as this
+        one) sets the freeze policy of `apply_freeze_policy`.
 
         `self` is left untouched (build new optimizers and EMA for the returned module). A guidance-aware generator
         grows into one: its guidance embedding is copied and, like every embedding, frozen.
         """
         k = self.trainable_decoder_blocks if trainable_decoder_blocks is None else trainable_decoder_blocks
-        grown = OneStepGenerator(self.cfg, growth_resolutions=[*self.growth_resolutions, 2 * self.resolution],
+        new = 2 * self.resolution
+        grown = OneStepGenerator(self.cfg, growth_resolutions=[*self.growth_resolutions, new],
                                  trainable_decoder_blocks=k, sigma_max=self.sigma_max, sigma_data=self.sigma_data,
-                                 guidance_input=self.guidance_input)
+                                 guidance_input=self.guidance_input,
+                                 detail_resolutions=[*self.detail_resolutions, *([new] if detail_only else [])],
+                                 freeze_below=self.freeze_below if freeze_below is None else freeze_below)
         copy_matching_weights(grown, self)
         return grown.to(next(self.parameters()).device)
 
     def apply_freeze_policy(self) -> None:
-        """Base stage: everything trains. Grown: only the last decoder blocks, the growth blocks and the head train.
+        """Base stage: everything trains. Grown: the last `trainable_decoder_blocks` decoder entries, the growth octaves
+        and the output heads train; with `freeze_below` only the newest octave and its head (and those decoder
+        entries), so with no decoder entry trainable the image of the stage below stays exactly what it was.
 
         Frozen: embeddings (the guidance embedding too), encoder, middle and all but the last
         `trainable_decoder_blocks` decoder entries.
@@ -158,9 +185,13 @@ class OneStepGenerator(nn.Module):
         if grown:
             for i in range(first_trainable, n_dec):
                 self.net.dec[i].requires_grad_(True)
-            self.growth.requires_grad_(True)
-            self.growth_heads.requires_grad_(True)
-            self.net.out.requires_grad_(True)
+            below = not self.freeze_below
+            for octave, head in zip(self.growth[:-1], self.growth_heads[:-1]):
+                octave.requires_grad_(below)
+                head.requires_grad_(below)
+            self.growth[-1].requires_grad_(True)
+            self.growth_heads[-1].requires_grad_(True)
+            self.net.out.requires_grad_(below)
 
     # --------------------------------------------------------------------------------------------- forward
     @property
@@ -202,10 +233,13 @@ class OneStepGenerator(nn.Module):
         """
         h, emb = self.net.features(x_in, c_noise, cond, self.guidance_embedding(cond, x_in.shape[0]))
         out = self.net.out(h)
-        for blocks, head in zip(self.growth, self.growth_heads):
+        for resolution, blocks, head in zip(self.growth_resolutions, self.growth, self.growth_heads):
             for block in blocks:
                 h = block(h, emb)
-            out = F.interpolate(out, scale_factor=2, mode="bicubic", align_corners=False) + head(h)
+            residual = head(h)
+            if resolution in self.detail_resolutions:
+                residual = without_block_means(residual)
+            out = F.interpolate(out, scale_factor=2, mode="bicubic", align_corners=False) + residual
         return out.contiguous()
 
     def forward(self, z: Tensor, cond: Condition | None = None) -> Tensor:
@@ -215,8 +249,8 @@ class OneStepGenerator(nn.Module):
     def architecture(self) -> dict[str, Any]:
         """Plain-data description stored in checkpoints (see `checkpoint_safety`).
 
-        `guidance_input` appears only when True, so the records of every other generator stay exactly what they were
-        before the field existed (resuming compares records for equality). Grown generators record their output
+        `guidance_input` and `freeze_below` (of a grown generator) appear only when True and `detail_resolutions`
+        only when not empty, so the records of every other generator stay what they were before the fields existed (resuming compares records for equality). Grown generators record their output
         layout (`growth_output`): one grown before the residual heads existed then fails to load with that field
         named, instead of a list of missing weights; distilled generators are unaffected and grow as they are.
         """
@@ -226,6 +260,10 @@ class OneStepGenerator(nn.Module):
                 "sigma_max": self.sigma_max, "sigma_data": self.sigma_data}
         if self.guidance_input:
             arch["guidance_input"] = True
+        if self.detail_resolutions:
+            arch["detail_resolutions"] = list(self.detail_resolutions)
+        if self.freeze_below and self.growth_resolutions:
+            arch["freeze_below"] = True
         if self.growth_resolutions:
             arch["growth_output"] = GROWTH_OUTPUT
         return arch

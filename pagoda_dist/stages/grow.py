@@ -22,5 +22,6 @@ def build_grow(cfg: Config, spec: StageSpec, previous_export: dict[str, Any]) ->
         raise ValueError("growing needs a one-step generator export (distill or grow-*), got a teacher export")
     if 2 * previous.resolution != spec.resolution:
         raise ValueError(f"cannot grow the {previous.resolution}px generator to {spec.resolution}px: growth doubles it")
-    generator = previous.grow(cfg.grow.trainable_decoder_blocks)
+    generator = previous.grow(cfg.grow.trainable_decoder_blocks, detail_only=spec.resolution in cfg.grow.detail_only,
+                              freeze_below=spec.resolution in cfg.grow.freeze_below)
     return AdversarialStage(cfg, spec.name, generator, spec.adversarial(cfg), cfg.grow.train.optimizer)

@@ -46,7 +46,9 @@ def stage_networks(cfg: Config, spec: StageSpec) -> tuple[nn.Module, ...]:
     growth = [r for r in cfg.grow.resolutions if r <= spec.resolution]
     g = OneStepGenerator(cfg.model, growth_resolutions=growth,
                          trainable_decoder_blocks=cfg.grow.trainable_decoder_blocks,
-                         guidance_input=bool(cfg.distill.adversarial.guidance_range))
+                         guidance_input=bool(cfg.distill.adversarial.guidance_range),
+                         detail_resolutions=[r for r in cfg.grow.detail_only if r in growth],
+                         freeze_below=spec.resolution in cfg.grow.freeze_below)
     adv = spec.adversarial(cfg)
     ds = (discriminator(cfg, adv, spec.resolution, backbone_weights=False),
           recon_discriminator(cfg, adv, spec.resolution, backbone_weights=False))
