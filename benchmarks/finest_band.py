@@ -67,7 +67,8 @@ def main() -> None:
         finest = f"swd/{2 * base}"
         print(f"bicubic x2 of {base} px sets vs {n} held-out real images at {2 * base} px "
               f"(generated: mean over {args.seeds} draws)")
-        print(f"{'set':28s} {finest:>9s} {'swd/' + str(base):>9s} {'FID-EffNetLite0':>16s} {'kurtosis':>9s} {'rms cv':>7s}")
+        print(f"{'set':28s} {finest:>9s} {'swd/' + str(base):>9s} {'FID-EffNetLite0':>16s} {'kurtosis':>9s} "
+              f"{'rms cv':>7s}")
         for name, images in sets.items():
             rows = [score(real, bicubic(x, 2 * base)) for x in images]
             stats = [band_statistics(bicubic(x, 2 * base)) for x in images]

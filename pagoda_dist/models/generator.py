@@ -250,9 +250,10 @@ class OneStepGenerator(nn.Module):
         """Plain-data description stored in checkpoints (see `checkpoint_safety`).
 
         `guidance_input` and `freeze_below` (of a grown generator) appear only when True and `detail_resolutions`
-        only when not empty, so the records of every other generator stay what they were before the fields existed (resuming compares records for equality). Grown generators record their output
-        layout (`growth_output`): one grown before the residual heads existed then fails to load with that field
-        named, instead of a list of missing weights; distilled generators are unaffected and grow as they are.
+        only when not empty, so the records of every other generator stay what they were before the fields existed
+        (resuming compares records for equality). Grown generators record their output layout (`growth_output`): one
+        grown before the residual heads existed then fails to load with that field named, instead of a list of
+        missing weights; distilled generators are unaffected and grow as they are.
         """
         arch = {"kind": "one_step_generator", "stage": self.stage, "resolution": self.resolution,
                 "model": model_record(self.cfg), "growth_resolutions": list(self.growth_resolutions),
