@@ -26,10 +26,9 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing the pack
 from pagoda_dist.config import load_config  # noqa: E402
 from pagoda_dist.data.tensors import downsample  # noqa: E402
 from pagoda_dist.eval.evaluate import Scorer, bicubic, generate, held_out  # noqa: E402
+from pagoda_dist.eval.inputs import load_network  # noqa: E402
 from pagoda_dist.eval.swd import laplacian_pyramid  # noqa: E402
-from pagoda_dist.models.checkpoint_safety import network_from_export  # noqa: E402
 from pagoda_dist.pipeline import local_storage  # noqa: E402
-from pagoda_dist.runtime import CheckpointStore, load_export  # noqa: E402
 
 
 def band_statistics(images: Tensor) -> tuple[float, float]:
@@ -53,10 +52,7 @@ def main() -> None:
         data = held_out(cfg, n)
         score = Scorer(cfg)
         real = downsample(data.real, 2 * base)
-        nets = {}
-        for stage in ("teacher", "distill"):
-            url, _ = CheckpointStore(cfg.run_url, stage).latest_export()
-            nets[stage] = network_from_export(load_export(url), source=url).eval()
+        nets = {stage: load_network(cfg, stage) for stage in ("teacher", "distill")}
         sets: dict[str, list[Tensor]] = {"real (held-out, next 128)": [downsample(data.real_floor, base)]}
         for seed in range(1, args.seeds + 1):
             g = torch.Generator().manual_seed(cfg.run.seed + seed)
