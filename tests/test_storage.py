@@ -415,6 +415,16 @@ def test_session_server_files_and_status(s3_server) -> None:
     assert secret not in out
 
 
+def test_a_hundred_buckets_each_take_writes(s3_server) -> None:
+    """Every bucket gets a volume of its own; weed's default volume cap (free disk / volume size, ~70 with 80 GB
+    free) once refused every write past that many buckets with InternalError, whatever the data's size."""
+    client = s3_server.server._client()
+    for i in range(100):
+        bucket = s3_server.bucket(f"many-{i:03d}-" + os.urandom(3).hex())[5:].strip("/")
+        client.put_object(Bucket=bucket, Key="x.bin", Body=b"%d" % i)
+        assert client.get_object(Bucket=bucket, Key="x.bin")["Body"].read() == b"%d" % i
+
+
 def test_activate_points_process_at_server_without_secret_in_env(s3_server, monkeypatch: pytest.MonkeyPatch) -> None:
     server: LocalS3Server = s3_server.server
     monkeypatch.setattr(os, "environ", dict(os.environ))  # activate() edits the environment; undo it afterwards

@@ -53,6 +53,7 @@ _PORT_FLAGS = (
     ("filer.port.grpc", "filer gRPC"), ("admin.port", "admin"), ("admin.port.grpc", "admin gRPC"),
 )
 PORT_COUNT = len(_PORT_FLAGS)
+MAX_VOLUMES = 2000  # volumes the server may create: one or more per bucket (see `_command`)
 HOST = "127.0.0.1"
 _BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 
@@ -366,6 +367,10 @@ class LocalS3Server:
             "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",  # unused services off
             "-master.telemetry=false",     # never phone home
             "-s3.autoCreateBucket=false",  # a mistyped bucket must fail loudly, not appear
+            # Each bucket is a collection with volumes of its own, and weed's default cap on volumes is free disk /
+            # volume size (~70 with 80 GB free): past that many buckets every new one refused writes. Volumes are
+            # not preallocated, so a high cap costs nothing until data fills them.
+            f"-volume.max={MAX_VOLUMES}",
             "-disableHttp",                # no master/filer HTTP API: S3 reaches them over (mutual-TLS) gRPC
             # Unix sockets in our folder instead of /tmp, so two servers never share one.
             f"-filer.localSocket={self.data_dir / 'filer.sock'}", f"-s3.localSocket={self.data_dir / 's3.sock'}",
