@@ -37,9 +37,9 @@ from pagoda_dist.config import Config, load_config  # noqa: E402
 from pagoda_dist.data.tensors import downsample  # noqa: E402
 from pagoda_dist.eval.evaluate import HeldOut, Scorer, bicubic, generate, held_out  # noqa: E402
 from pagoda_dist.eval.fid import EFFNET_METRIC  # noqa: E402
-from pagoda_dist.models.checkpoint_safety import network_from_export  # noqa: E402
+from pagoda_dist.eval.inputs import load_export_network, load_network  # noqa: E402
 from pagoda_dist.pipeline import local_storage, run_pipeline  # noqa: E402
-from pagoda_dist.runtime import CheckpointStore, load_export  # noqa: E402
+from pagoda_dist.runtime import CheckpointStore  # noqa: E402
 
 
 def parse_every(text: str) -> dict[str, float]:
@@ -89,8 +89,7 @@ def evaluate_checkpoints(cfg: Config, spec: StageSpec, noise: torch.Tensor, data
     rows, fake = [], None
     store = CheckpointStore(cfg.run_url, stage)
     for ref in store.committed():
-        url = store.export_url(ref)
-        net = network_from_export(load_export(url), source=url).eval()
+        net = load_export_network(store.export_url(ref))
         fake = generate(cfg, net, noise, data.condition)
         row = {"kimg": ref.nimg / 1000, "train_s": seconds_at(timeline, ref.nimg),
                "metrics": score(real, fake, data.captions)}
@@ -131,10 +130,7 @@ def final_over_seeds(cfg: Config, data: HeldOut, score: Scorer, seeds: int) -> d
     Seed 1 is the noise of the curves above.
     """
     specs = {spec.name: spec for spec in chain(cfg)}
-    nets = {}
-    for name in specs:
-        url, _ = CheckpointStore(cfg.run_url, name).latest_export()
-        nets[name] = network_from_export(load_export(url), source=url).eval()
+    nets = {name: load_network(cfg, name) for name in specs}
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name, spec in specs.items() if spec.kind != "teacher"}
     for seed in range(1, seeds + 1):
         g = torch.Generator().manual_seed(cfg.run.seed + seed)

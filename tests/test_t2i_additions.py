@@ -143,12 +143,14 @@ def test_teacher_sampler_takes_per_sample_guidance() -> None:
     randomized(stage.net, seed=3)
     noise, cond = torch.randn(3, 3, 8, 8), labels(0, 4, 7)
     batch_w = stage.sample(stage.net, noise, cond)  # teacher.sampler.guidance = 3
+    # Equal up to float32 rounding: per-sample scales take another path through the network's batches, and over
+    # three Heun steps the rounding moves values of ~1 by a few 1e-6 (2.3e-6 seen in a loaded full run).
     torch.testing.assert_close(stage.sample(stage.net, noise, cond, guidance=torch.full((3,), 3.0)), batch_w,
-                               rtol=0, atol=1e-6)
+                               rtol=0, atol=1e-5)
     scales = torch.tensor([1.0, 3.0, 6.0])
     mixed = stage.sample(stage.net, noise, cond, guidance=scales)
     for i, w in enumerate(scales.tolist()):  # row i is the batch sampled at the single scale w_i
-        torch.testing.assert_close(mixed[i], stage.sample(stage.net, noise, cond, guidance=w)[i], rtol=0, atol=1e-6)
+        torch.testing.assert_close(mixed[i], stage.sample(stage.net, noise, cond, guidance=w)[i], rtol=0, atol=1e-5)
     assert not torch.allclose(mixed[0], batch_w[0], atol=1e-3)  # w = 1 differs from w = 3
     result = sample(EDMPrecond(stage.net), noise, cond, steps=3, guidance=scales, null_cond=Condition.null)
     assert result.network_evals == 2 * result.nfe  # per-sample scales always cost both passes
