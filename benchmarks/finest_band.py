@@ -57,17 +57,17 @@ def main() -> None:
         for seed in range(1, args.seeds + 1):
             g = torch.Generator().manual_seed(cfg.run.seed + seed)
             noise = torch.randn(n, cfg.model.in_channels, base, base, generator=g)
-            with torch.no_grad():
-                for stage, net in nets.items():
-                    sets.setdefault(f"{stage} samples", []).append(generate(cfg, net, noise, data.condition))
+            for stage, net in nets.items():
+                sets.setdefault(f"{stage} samples", []).append(generate(cfg, net, noise, data.condition))
         finest = f"swd/{2 * base}"
         print(f"bicubic x2 of {base} px sets vs {n} held-out real images at {2 * base} px "
               f"(generated: mean over {args.seeds} draws)")
         print(f"{'set':28s} {finest:>9s} {'swd/' + str(base):>9s} {'FID-EffNetLite0':>16s} {'kurtosis':>9s} "
               f"{'rms cv':>7s}")
         for name, images in sets.items():
-            rows = [score(real, bicubic(x, 2 * base)) for x in images]
-            stats = [band_statistics(bicubic(x, 2 * base)) for x in images]
+            upsampled = [bicubic(x, 2 * base) for x in images]
+            rows = [score(real, x) for x in upsampled]
+            stats = [band_statistics(x) for x in upsampled]
             mean = {k: statistics.mean(r[k] for r in rows) for k in (finest, f"swd/{base}", "FID-EffNetLite0")}
             print(f"{name:28s} {mean[finest]:9.1f} {mean[f'swd/{base}']:9.1f} {mean['FID-EffNetLite0']:16.1f} "
                   f"{statistics.mean(s[0] for s in stats):9.1f} {statistics.mean(s[1] for s in stats):7.2f}")
