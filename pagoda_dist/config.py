@@ -276,6 +276,10 @@ class DiscriminatorConfig:
     backbone_input_size: int = knob(224, "side the images are resized to before the frozen backbone (ImageNet's "
                                          "224; a smaller side costs (side / 224)^2 of the backbone's FLOPs, which "
                                          "matters for small images on a CPU); also the feature distance's")
+    backbone_resize: Literal["bilinear", "nearest"] = knob(
+        "bilinear", "how images reach backbone_input_size, for the discriminator and the feature distance: "
+                    "antialiased bilinear, or 'nearest' (an integer upscale, every pixel a k x k block: bilinear x4 "
+                    "keeps 36% of the energy of a pattern at the image's Nyquist frequency, blocks keep all of it)")
     optimizer: OptimizerConfig = section(OptimizerConfig, "discriminator optimizer")
 
     def __post_init__(self) -> None:
@@ -629,8 +633,14 @@ class Config:
         rt = self.runtime
         require(not (rt.precision == "bf16" and rt.zero_stage == 0 and rt.num_workers > 1),
                 "runtime.precision", "bf16 with several workers needs ZeRO stage >= 1")
-        for key, adv in (("distill.adversarial", self.distill.adversarial),
-                         ("grow.adversarial", self.grow.adversarial)):
+        for key, adv, sides in (("distill.adversarial", self.distill.adversarial, [m.resolution]),
+                                ("grow.adversarial", self.grow.adversarial, self.grow.resolutions)):
+            disc = adv.discriminator
+            for side in sides if disc.backbone != "none" and disc.backbone_resize == "nearest" else []:
+                require(disc.backbone_input_size % side == 0, f"{key}.discriminator.backbone_resize",
+                        f"'nearest' upscales by an integer factor, but backbone_input_size "
+                        f"{disc.backbone_input_size} is not a multiple of the {side}px images; set a multiple of "
+                        f"{side}, or 'bilinear'")
             require(adv.clip_loss_weight == 0 or m.text_dim > 0, f"{key}.clip_loss_weight",
                     "the CLIP regulariser compares images with their captions: it needs a text-conditioned model "
                     "(model.text_dim > 0); set it to 0")

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pagoda_dist.models.blocks import antialiased_resize
+from pagoda_dist.models.blocks import resize_for_backbone
 
 Distance = Callable[[Tensor, Tensor], Tensor]
 """distance(x, target) -> scalar loss, averaged over the batch."""
@@ -54,19 +54,20 @@ class FeatureDistance:
     """Distance in the feature maps of a frozen network (LPIPS-like, without learned layer weights).
 
     Each map is unit-normalised along channels, then the squared difference is averaged per map and over maps.
-    `features(x)` returns a list of (B, C, H, W) maps; images are resized to `input_size` first when given.
+    `features(x)` returns a list of (B, C, H, W) maps; images are resized to `input_size` first when given, the
+    way `resize` names (`resize_for_backbone`).
     """
 
-    def __init__(self, features: Callable[[Tensor], list[Tensor]], input_size: int | None = None) -> None:
+    def __init__(self, features: Callable[[Tensor], list[Tensor]], input_size: int | None = None,
+                 resize: str = "bilinear") -> None:
         self.features = features
         self.input_size = input_size
+        self.resize = resize
 
     def _prepare(self, x: Tensor) -> Tensor:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
-        if self.input_size is not None and x.shape[-1] != self.input_size:
-            x = antialiased_resize(x, self.input_size)
-        return x
+        return x if self.input_size is None else resize_for_backbone(x, self.input_size, self.resize)
 
     def __call__(self, x: Tensor, target: Tensor) -> Tensor:
         with torch.no_grad():
@@ -78,9 +79,11 @@ class FeatureDistance:
 
 
 def reconstruction_distance(kind: str, feature_net: Callable[[Tensor], list[Tensor]] | None = None,
-                            feature_input_size: int | None = None, multiscale_weight: float = 0.0) -> Distance:
-    """The distance named by `AdversarialConfig.rec_loss`: "pixel", "multiscale" or "feature" (needs feature_net),
-    the feature distance plus `multiscale_weight` x `multiscale_l1_l2` when that weight is > 0."""
+                            feature_input_size: int | None = None, multiscale_weight: float = 0.0,
+                            feature_resize: str = "bilinear") -> Distance:
+    """The distance named by `AdversarialConfig.rec_loss`: "pixel", "multiscale" or "feature" (needs feature_net;
+    images reach it at `feature_input_size`, resized as `feature_resize` names), the feature distance plus
+    `multiscale_weight` x `multiscale_l1_l2` when that weight is > 0."""
     if kind == "pixel":
         return pixel_l2
     if kind == "multiscale":
@@ -89,7 +92,7 @@ def reconstruction_distance(kind: str, feature_net: Callable[[Tensor], list[Tens
         if feature_net is None:
             raise ValueError("rec_loss 'feature' needs a frozen feature network: set "
                              "adversarial.discriminator.backbone (or pass feature_net)")
-        feature = FeatureDistance(feature_net, feature_input_size)
+        feature = FeatureDistance(feature_net, feature_input_size, feature_resize)
         if multiscale_weight <= 0:
             return feature
         return lambda x, target: feature(x, target) + multiscale_weight * multiscale_l1_l2(x, target)

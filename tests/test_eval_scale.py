@@ -380,6 +380,8 @@ def test_fid_against_reference_statistics_from_s3(s3_env: str, tmp_path: Path, s
 
     nets = feature_nets(cfg)
     data = read_held_out(cfg, 0, 16)
+    with pytest.raises(ValueError, match=r"^reading 100000 held-out images, but \S+ holds in its 'val' split \d+: "):
+        read_held_out(cfg, 0, 100000)  # the refusal names what this reader asked for, not the config's need
     noise = torch.randn(16, 3, 16, 16, generator=torch.Generator().manual_seed(cfg.run.seed + 1))
     for name in ("teacher", "distill"):
         fake = generate(cfg, load_network(cfg, name), noise, data.condition)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -447,6 +448,42 @@ def test_projected_discriminator_resizes_to_the_configured_backbone_input() -> N
         assert seen == [(2, 3, side, side)]
     with pytest.raises(ConfigError, match="backbone_input_size"):
         load_config(None, ["distill.adversarial.discriminator.backbone_input_size=100"])
+
+
+def test_nearest_backbone_resize_hands_the_backbone_whole_pixels() -> None:
+    """discriminator.backbone_resize=nearest makes every pixel a k x k block for the discriminator and the feature
+    distance alike, where bilinear x4 keeps 36% of a Nyquist pattern's energy; a resolution that does not divide
+    backbone_input_size is refused with the key named."""
+    from pagoda_dist.losses import reconstruction_distance
+    from pagoda_dist.models.blocks import resize_for_backbone
+
+    stripes = torch.tensor([(-1.0) ** j for j in range(16)]).expand(2, 3, 16, 16).contiguous()
+    blocks = stripes.repeat_interleave(4, -1).repeat_interleave(4, -2)
+    assert torch.equal(resize_for_backbone(stripes, 64, "nearest"), blocks)
+    assert resize_for_backbone(stripes, 64, "bilinear").square().mean().item() == pytest.approx(0.3555, abs=1e-3)
+    with pytest.raises(ValueError, match="not an integer upscale"):
+        resize_for_backbone(stripes, 40, "nearest")
+
+    cfg = DiscriminatorConfig(channels=8, num_scales=2, backbone="efficientnet_lite0", backbone_input_size=64,
+                              backbone_resize="nearest")
+    disc = Discriminator(cfg, 16)
+    features = disc.backbone.forward_features
+    seen: list[torch.Tensor] = []
+    disc.backbone.forward_features = lambda x: seen.append(x) or features(x)
+    disc(stripes)
+    assert torch.equal(seen[0], blocks)
+    distance = reconstruction_distance("feature", disc.backbone.forward_features, 64, feature_resize="nearest")
+    distance(stripes, -stripes)
+    assert torch.equal(seen[1], -blocks) and torch.equal(seen[2], blocks)  # the target first, without gradients
+    with pytest.raises(ValueError, match="backbone_resize=nearest: 24px images .* backbone_input_size=64"):
+        Discriminator(cfg, 24)
+    from pagoda_dist.config import ConfigError, load_config
+    grow_d = "grow.adversarial.discriminator."
+    with pytest.raises(ConfigError, match=r"grow\.adversarial\.discriminator\.backbone_resize: .* "
+                                          r"backbone_input_size 96 is not a multiple of the 64px images"):
+        load_config(Path(__file__).parent.parent / "configs" / "tiles.yaml",
+                    [f"{grow_d}backbone=efficientnet_lite0", f"{grow_d}backbone_resize=nearest",
+                     f"{grow_d}backbone_input_size=96"])
 
 
 def test_projected_discriminator_runs_with_bf16_weights_and_fp32_statistics() -> None:

@@ -39,7 +39,8 @@ def read_held_out(cfg: Config, start: int, count: int) -> HeldOutSlice:
                              condition=condition_mode(cfg.model), seed=cfg.run.seed,
                              shuffle_window=cfg.data.shuffle_buffer)
     if start + count > reader.samples_per_epoch:
-        raise ValueError(shortfall(cfg, reader.samples_per_epoch, f"{cfg.pairs_url} holds in its 'val' split"))
+        raise ValueError(shortfall(cfg, reader.samples_per_epoch, f"{cfg.pairs_url} holds in its 'val' split",
+                                   need=start + count))
     reader.load_state_dict({**reader.state_dict(), "position": start})  # the order does not depend on batching
     images, conditions, captions, have = [], [], [], 0
     for batch in reader:

@@ -24,12 +24,14 @@ def held_out_needed(cfg: Config) -> int:
     return cfg.eval.num_images + cfg.eval.floor_count
 
 
-def shortfall(cfg: Config, have: int, where: str) -> str:
-    """The one-line refusal: what the config asks for, what `where` holds, and what to change."""
-    e, need = cfg.eval, held_out_needed(cfg)
-    return (f"eval.num_images={e.num_images} + eval.floor_images={e.floor_count} need {need} held-out images, but "
-            f"{where} {have}: raise data.val_fraction (now {cfg.data.val_fraction:g}) and prepare new shards, or "
-            "lower eval.num_images, or eval.floor_images (0: no real-vs-real floor)")
+def shortfall(cfg: Config, have: int, where: str, need: int | None = None) -> str:
+    """The one-line refusal: what the config asks for (or a reader's own `need`), what `where` holds, and what to
+    change."""
+    e = cfg.eval
+    asks = (f"eval.num_images={e.num_images} + eval.floor_images={e.floor_count} need {held_out_needed(cfg)}"
+            if need is None else f"reading {need}")
+    return (f"{asks} held-out images, but {where} {have}: raise data.val_fraction (now {cfg.data.val_fraction:g}) "
+            "and prepare new shards, or lower eval.num_images, or eval.floor_images (0: no real-vs-real floor)")
 
 
 def check_held_out(cfg: Config) -> str:

@@ -21,6 +21,20 @@ def antialiased_resize(x: Tensor, size: int | tuple[int, int], mode: str = "bili
     return out.to(x.dtype)
 
 
+def resize_for_backbone(x: Tensor, size: int, mode: str = "bilinear") -> Tensor:
+    """Square images resized to `size` for a frozen backbone: antialiased "bilinear", or "nearest", an integer
+    upscale that makes every pixel a k x k block. Bilinear x4 keeps 36% of the energy of a pattern at the image's
+    own Nyquist frequency, so a backbone fed that way sees pixel-level texture damped and smeared; blocks pass it
+    whole."""
+    if x.shape[-1] == size:
+        return x
+    if mode == "nearest":
+        if size % x.shape[-1]:
+            raise ValueError(f"nearest resize from {x.shape[-1]}px to {size}px is not an integer upscale")
+        return F.interpolate(x, scale_factor=size // x.shape[-1], mode="nearest")
+    return antialiased_resize(x, size)
+
+
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm computed in float32 and returned in the input's dtype.
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from pagoda_dist.config import DiscriminatorConfig
 from pagoda_dist.interfaces import NO_CLASS, Condition
-from pagoda_dist.models.blocks import antialiased_resize
+from pagoda_dist.models.blocks import resize_for_backbone
 
 MIN_RESOLUTION = 4  # the coarsest map a conv scale reduces to
 
@@ -112,10 +112,15 @@ class Discriminator(nn.Module):
         super().__init__()
         self.resolution = resolution
         self.backbone_input_size = cfg.backbone_input_size
+        self.backbone_resize = cfg.backbone_resize
         if cfg.backbone == "efficientnet_lite0":
             # Imported only here: the plain discriminator needs neither the backbone code nor its weights.
             from pagoda_dist.models.efficientnet_lite0 import load_efficientnet_lite0
 
+            if cfg.backbone_resize == "nearest" and cfg.backbone_input_size % resolution:
+                raise ValueError(f"discriminator.backbone_resize=nearest: {resolution}px images do not upscale to "
+                                 f"backbone_input_size={cfg.backbone_input_size} by an integer factor; set a "
+                                 f"multiple of {resolution}, or backbone_resize=bilinear")
             self.backbone = load_efficientnet_lite0(cfg.backbone_weights)
             taps = self.backbone.feature_channels
             if cfg.num_scales > len(taps):
@@ -149,7 +154,6 @@ class Discriminator(nn.Module):
     def _projected(self, x: Tensor, cond: Condition) -> list[Tensor]:
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)  # the backbone is an RGB network; grey images are replicated
-        if x.shape[-1] != self.backbone_input_size:
-            x = antialiased_resize(x, self.backbone_input_size)
+        x = resize_for_backbone(x, self.backbone_input_size, self.backbone_resize)
         feats = self.backbone.forward_features(x)  # frozen weights; gradients still reach x for the generator
         return [head(scale(feats[i]), cond) for i, scale, head in zip(self.taps, self.scales, self.heads)]
