@@ -90,12 +90,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(describe(cfg, args.config))
         return 0
     from pagoda_dist.pipeline import Diverged
+    from pagoda_dist.precompute import PrecomputeError, PrecomputeFailed
     from pagoda_dist.runtime.checkpoint import CheckpointDamaged
     from pagoda_dist.storage.lease import LeaseHeld
 
     try:
         records = run_pipeline(cfg, only=args.only, from_scratch=args.from_scratch)  # SIGTERM: `main` exits 143
-    except (CheckpointDamaged, Diverged, LeaseHeld) as err:  # the run is as it was: one line says what to do
+    except PrecomputeError as err:  # e.g. `--only precompute` before the teacher is committed: found before any work
+        print(f"pagoda: {err}", file=sys.stderr)
+        return 2
+    except (CheckpointDamaged, Diverged, LeaseHeld, PrecomputeFailed) as err:  # the run is as it was: one line
         print(f"pagoda: {err}", file=sys.stderr)
         return 1
     print(f"[pagoda] run {cfg.run.name} complete: {cfg.run_url}")

@@ -332,14 +332,13 @@ def run_pipeline(cfg: Config, *, only: list[str] | None = None, report_dir: Path
         # workers the cluster cannot place, checkpoints of another layout (`pagoda run --dry-run` lists the same).
         from pagoda_dist.preflight import cluster_nodes, preflight, recheck_after, refuse_on_problems
 
-        findings = preflight(cfg, cluster_nodes())
+        steps = [s for s in plan(cfg, from_scratch=from_scratch, lease=lease) if not only or s.name in only]
+        findings = preflight(cfg, cluster_nodes(), reads_unprepared=_reads_unprepared_shards(cfg, steps))
         if only and "evaluate" not in only:  # a partial run may leave the evaluation's needs for later
             findings = [f for f in findings if f.check != "held-out images"]
         refuse_on_problems(findings)
         _save_config(cfg)
-        for step in plan(cfg, from_scratch=from_scratch, lease=lease):
-            if only and step.name not in only:
-                continue
+        for step in steps:
             if preemption.stop_requested():  # SIGTERM between steps: start nothing new
                 raise preemption.Stopped(f"stopped on SIGTERM before {step.name}; run the same command to resume")
             start = time.time()
@@ -360,6 +359,15 @@ def run_pipeline(cfg: Config, *, only: list[str] | None = None, report_dir: Path
             print(f"[pagoda] report and sample grids: {path.parent}/ (report.html); "
                   f"checkpoints and grids per stage under {cfg.run_url}/", flush=True)
     return records
+
+
+def _reads_unprepared_shards(cfg: Config, steps: list[Step]) -> bool:
+    """Whether `steps` (a `--only` selection) leave out prepare but will read the image shards: a teacher trained
+    here, or precompute, not yet committed. The stages after them read the latent pairs."""
+    if any(s.name == "prepare" for s in steps):
+        return False
+    readers = {"precompute"} | (set() if cfg.teacher.init_from else {"teacher"})
+    return any(s.name in readers and not s.is_done() for s in steps)
 
 
 def _save_config(cfg: Config) -> None:

@@ -34,9 +34,12 @@ class NodeResources:
     gpus: float
 
 
-def preflight(cfg: Config, nodes: list[NodeResources] | None = None) -> list[Finding]:
-    """Every finding for `cfg`; `nodes`: the cluster's nodes (None: this machine, where a local Ray would run)."""
-    data = _data(cfg)
+def preflight(cfg: Config, nodes: list[NodeResources] | None = None, *,
+              reads_unprepared: bool = False) -> list[Finding]:
+    """Every finding for `cfg`; `nodes`: the cluster's nodes (None: this machine, where a local Ray would run);
+    `reads_unprepared`: the run reads image shards but will not prepare them (`--only` steps without prepare), so
+    data.source cannot stand in for shards that are not committed."""
+    data = _data(cfg, reads_unprepared)
     held_out = _held_out(cfg) if all(f.ok for f in data) else \
         Finding("held-out images", False, "not counted: the data cannot be read (above)")
     return [*data, held_out, *_files(cfg), *_resources(cfg, nodes if nodes is not None else [local_node()]),
@@ -60,7 +63,7 @@ def describe(findings: list[Finding]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ the checks
-def _data(cfg: Config) -> list[Finding]:
+def _data(cfg: Config, reads_unprepared: bool) -> list[Finding]:
     from pagoda_dist.data.manifest import ManifestError, read_manifest
 
     try:
@@ -72,6 +75,9 @@ def _data(cfg: Config) -> list[Finding]:
     if not cfg.data.source:
         return [Finding("data", False, f"no committed shards at {cfg.shards_url} and no data.source to prepare them "
                                        "from: set data.source, or data.shards to prepared shards")]
+    if reads_unprepared:
+        return [Finding("data", False, f"no committed shards at {cfg.shards_url}, and --only leaves out prepare: "
+                                       "add `--only prepare`, or set data.shards to prepared shards")]
     from pagoda_dist.data.sources import SourceError, open_source
 
     if cfg.data.source.startswith("builtin:"):

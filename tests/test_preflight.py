@@ -129,6 +129,33 @@ def test_the_dry_run_predicts_the_refusal_that_pagoda_run_makes(tmp_path: Path, 
     assert not (tmp_path / "data").exists()  # nothing was prepared
 
 
+def test_a_partial_run_refuses_what_its_left_out_steps_would_have_made(tmp_path: Path, class_folders: Path) -> None:
+    """`pagoda run --only STEP` prepares nothing: a step that reads image shards that are not committed is refused
+    before any work, with what to do; so is `--only precompute` before the teacher is committed (one line each, no
+    traceback). `--only distill` reads the latent pairs, not the shards: nothing about the shards is refused."""
+    from pagoda_dist.pipeline import _reads_unprepared_shards, plan, prepare_from_config
+
+    cfg = _cfg(tmp_path, class_folders)
+    refused = _refused(preflight(cfg, CPU_NODE, reads_unprepared=True))
+    assert refused["data"] == (f"no committed shards at {cfg.shards_url}, and --only leaves out prepare: add `--only "
+                               "prepare`, or set data.shards to prepared shards")
+    args = [sys.executable, "-m", "pagoda_dist.cli", "run", str(TINY), f"run.root={tmp_path}",
+            f"data.source={class_folders}", "storage.embedded_s3=false", "eval.num_images=16", "eval.floor_images=0",
+            "data.val_fraction=0.5", "runtime.num_workers=1", "--only", "precompute"]
+    run = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert "--only leaves out prepare" in run.stderr and "precompute: starting" not in run.stdout
+    prepare_from_config(cfg)
+    run = subprocess.run(args, cwd=tmp_path, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert "precompute: starting" in run.stdout and "teacher" in run.stderr.strip().splitlines()[-1], run.stderr
+    assert not (tmp_path / "runs" / "tiny" / "pairs").exists()
+    other = load_config(TINY, [f"run.root={tmp_path / 'other'}", f"data.source={class_folders}",
+                               "storage.embedded_s3=false"])
+    steps = [s for s in plan(other) if s.name in ("teacher", "distill")]
+    assert _reads_unprepared_shards(other, steps) and not _reads_unprepared_shards(other, steps[1:])
+
+
 def test_refusals_are_one_config_error_listing_each(tmp_path: Path) -> None:
     cfg = _cfg(tmp_path, tmp_path / "nowhere", f"eval.inception_weights={tmp_path / 'x.pth'}")
     with pytest.raises(ConfigError) as err:
