@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from pagoda_dist.models.blocks import resize_for_backbone
+from pagoda_dist.models.blocks import backbone_input
 
 Distance = Callable[[Tensor, Tensor], Tensor]
 """distance(x, target) -> scalar loss, averaged over the batch."""
@@ -55,7 +55,7 @@ class FeatureDistance:
 
     Each map is unit-normalised along channels, then the squared difference is averaged per map and over maps.
     `features(x)` returns a list of (B, C, H, W) maps; images are resized to `input_size` first when given, the
-    way `resize` names (`resize_for_backbone`).
+    way `resize` names, grey images replicated to RGB (`backbone_input`).
     """
 
     def __init__(self, features: Callable[[Tensor], list[Tensor]], input_size: int | None = None,
@@ -65,9 +65,7 @@ class FeatureDistance:
         self.resize = resize
 
     def _prepare(self, x: Tensor) -> Tensor:
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
-        return x if self.input_size is None else resize_for_backbone(x, self.input_size, self.resize)
+        return backbone_input(x, self.input_size, self.resize)
 
     def __call__(self, x: Tensor, target: Tensor) -> Tensor:
         with torch.no_grad():

@@ -455,14 +455,15 @@ def test_nearest_backbone_resize_hands_the_backbone_whole_pixels() -> None:
     distance alike, where bilinear x4 keeps 36% of a Nyquist pattern's energy; a resolution that does not divide
     backbone_input_size is refused with the key named."""
     from pagoda_dist.losses import reconstruction_distance
-    from pagoda_dist.models.blocks import resize_for_backbone
+    from pagoda_dist.models.blocks import backbone_input
 
     stripes = torch.tensor([(-1.0) ** j for j in range(16)]).expand(2, 3, 16, 16).contiguous()
     blocks = stripes.repeat_interleave(4, -1).repeat_interleave(4, -2)
-    assert torch.equal(resize_for_backbone(stripes, 64, "nearest"), blocks)
-    assert resize_for_backbone(stripes, 64, "bilinear").square().mean().item() == pytest.approx(0.3555, abs=1e-3)
+    assert torch.equal(backbone_input(stripes, 64, "nearest"), blocks)
+    assert torch.equal(backbone_input(stripes[:, :1], 64, "nearest"), blocks)  # grey reaches it as RGB
+    assert backbone_input(stripes, 64, "bilinear").square().mean().item() == pytest.approx(0.3555, abs=1e-3)
     with pytest.raises(ValueError, match="not an integer upscale"):
-        resize_for_backbone(stripes, 40, "nearest")
+        backbone_input(stripes, 40, "nearest")
 
     cfg = DiscriminatorConfig(channels=8, num_scales=2, backbone="efficientnet_lite0", backbone_input_size=64,
                               backbone_resize="nearest")

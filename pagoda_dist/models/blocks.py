@@ -21,12 +21,14 @@ def antialiased_resize(x: Tensor, size: int | tuple[int, int], mode: str = "bili
     return out.to(x.dtype)
 
 
-def resize_for_backbone(x: Tensor, size: int, mode: str = "bilinear") -> Tensor:
-    """Square images resized to `size` for a frozen backbone: antialiased "bilinear", or "nearest", an integer
-    upscale that makes every pixel a k x k block. Bilinear x4 keeps 36% of the energy of a pattern at the image's
-    own Nyquist frequency, so a backbone fed that way sees pixel-level texture damped and smeared; blocks pass it
-    whole."""
-    if x.shape[-1] == size:
+def backbone_input(x: Tensor, size: int | None, mode: str = "bilinear") -> Tensor:
+    """Images as a frozen RGB backbone takes them: grey replicated to three channels, then resized square to `size`
+    (None: as they are), antialiased "bilinear" or "nearest", an integer upscale that makes every pixel a k x k
+    block. Bilinear x4 keeps 36% of the energy of a pattern at the image's own Nyquist frequency, so a backbone fed
+    that way sees pixel-level texture damped and smeared; blocks pass it whole."""
+    if x.shape[1] == 1:
+        x = x.expand(-1, 3, -1, -1)
+    if size is None or x.shape[-1] == size:
         return x
     if mode == "nearest":
         if size % x.shape[-1]:

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pagoda_dist.models.blocks import antialiased_resize
+from pagoda_dist.models.blocks import antialiased_resize, backbone_input
 from pagoda_dist.models.text_encoder import create_clip_model
 
 # OpenAI CLIP's input statistics, for models built without a preprocessing config
@@ -68,9 +68,7 @@ class ClipImageEncoder(nn.Module):
         return super().train(False)
 
     def forward(self, images: Tensor) -> Tensor:
-        x = (images.float() + 1) / 2
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)
+        x = backbone_input((images.float() + 1) / 2, None)
         return self.visual(clip_preprocess(x, self.preprocess_cfg)).float()
 
 

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from pagoda_dist.config import DiscriminatorConfig
 from pagoda_dist.interfaces import NO_CLASS, Condition
-from pagoda_dist.models.blocks import resize_for_backbone
+from pagoda_dist.models.blocks import backbone_input
 
 MIN_RESOLUTION = 4  # the coarsest map a conv scale reduces to
 
@@ -152,8 +152,6 @@ class Discriminator(nn.Module):
         return logits
 
     def _projected(self, x: Tensor, cond: Condition) -> list[Tensor]:
-        if x.shape[1] == 1:
-            x = x.expand(-1, 3, -1, -1)  # the backbone is an RGB network; grey images are replicated
-        x = resize_for_backbone(x, self.backbone_input_size, self.backbone_resize)
+        x = backbone_input(x, self.backbone_input_size, self.backbone_resize)
         feats = self.backbone.forward_features(x)  # frozen weights; gradients still reach x for the generator
         return [head(scale(feats[i]), cond) for i, scale, head in zip(self.taps, self.scales, self.heads)]
