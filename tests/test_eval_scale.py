@@ -157,10 +157,10 @@ def test_the_held_out_split_is_predicted_before_prepare(tmp_path: Path) -> None:
 def test_pagoda_run_refuses_before_it_trains(tmp_path: Path, shards: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from pagoda_dist import pipeline
 
-    def no_steps(cfg: Config) -> list:
-        raise AssertionError("the run went on to its steps")
+    def went_on(cfg: Config) -> None:
+        raise AssertionError("the run went on past its checks")
 
-    monkeypatch.setattr(pipeline, "plan", no_steps)
+    monkeypatch.setattr(pipeline, "_save_config", went_on)  # the first write after the checks, before any step
     cfg = run_config(tmp_path, shards, "eval.num_images=64", "runtime.cpus_per_worker=1")
     with pytest.raises(ConfigError, match=r"eval\.num_images=64 \+ eval\.floor_images=64 need 128"):
         pipeline.run_pipeline(cfg)
