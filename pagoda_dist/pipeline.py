@@ -333,7 +333,8 @@ def run_pipeline(cfg: Config, *, only: list[str] | None = None, report_dir: Path
         from pagoda_dist.preflight import cluster_nodes, preflight, recheck_after, refuse_on_problems
 
         steps = [s for s in plan(cfg, from_scratch=from_scratch, lease=lease) if not only or s.name in only]
-        findings = preflight(cfg, cluster_nodes(), reads_unprepared=_reads_unprepared_shards(cfg, steps))
+        findings = preflight(cfg, cluster_nodes(),
+                             reads_unprepared=bool(only) and _reads_unprepared_shards(cfg, steps))
         if only and "evaluate" not in only:  # a partial run may leave the evaluation's needs for later
             findings = [f for f in findings if f.check != "held-out images"]
         refuse_on_problems(findings)
