@@ -277,7 +277,8 @@ class DiscriminatorConfig:
                                          "224; a smaller side costs (side / 224)^2 of the backbone's FLOPs, which "
                                          "matters for small images on a CPU); also the feature distance's")
     backbone_resize: Literal["bilinear", "nearest"] = knob(
-        "bilinear", "how images reach backbone_input_size, for the discriminator and the feature distance: "
+        "bilinear", "how images reach backbone_input_size, for the discriminator and (unless "
+                    "adversarial.rec_feature_resize names its own) the feature distance: "
                     "antialiased bilinear, or 'nearest' (an integer upscale, every pixel a k x k block: bilinear x4 "
                     "keeps 36% of the energy of a pattern at the image's Nyquist frequency, blocks keep all of it)")
     optimizer: OptimizerConfig = section(OptimizerConfig, "discriminator optimizer")
@@ -306,6 +307,11 @@ class AdversarialConfig:
                   "by a data-dependent factor (0.7x-3x on small random generators, benchmarks/adaptive_weight.py), "
                   "so gan_weight means a different strength; both are logged (gan_weight_output, "
                   "gan_weight_last_layer)")
+    rec_feature_resize: Literal["as_discriminator", "bilinear", "nearest"] = knob(
+        "as_discriminator", "how images reach the frozen backbone for the feature distance: as "
+                            "discriminator.backbone_resize, or a mode of its own ('nearest' hands the distance whole "
+                            "pixels, every pixel-level grain the target has, while the discriminator keeps judging "
+                            "smoothly resized images)")
     independent_noise: bool = knob(False, "the generator's GAN step draws its own fresh noise (and guidance scales) "
                                           "instead of reusing the discriminator step's (the reference draws them "
                                           "independently)")
@@ -335,6 +341,13 @@ class AdversarialConfig:
     def uses_noise_half(self) -> bool:
         """Whether each step also runs the generator on fresh noise (GAN, distillation or CLIP term)."""
         return self.uses_gan or self.distill_loss_weight > 0 or self.clip_loss_weight > 0
+
+    @property
+    def feature_resize(self) -> str:
+        """The resize mode the feature distance's backbone input takes (rec_feature_resize, resolved)."""
+        if self.rec_feature_resize == "as_discriminator":
+            return self.discriminator.backbone_resize
+        return self.rec_feature_resize
 
     @property
     def builds_discriminator(self) -> bool:
@@ -636,11 +649,14 @@ class Config:
         for key, adv, sides in (("distill.adversarial", self.distill.adversarial, [m.resolution]),
                                 ("grow.adversarial", self.grow.adversarial, self.grow.resolutions)):
             disc = adv.discriminator
-            for side in sides if disc.backbone != "none" and disc.backbone_resize == "nearest" else []:
-                require(disc.backbone_input_size % side == 0, f"{key}.discriminator.backbone_resize",
-                        f"'nearest' upscales by an integer factor, but backbone_input_size "
-                        f"{disc.backbone_input_size} is not a multiple of the {side}px images; set a multiple of "
-                        f"{side}, or 'bilinear'")
+            nearest = [name for name, mode in (("discriminator.backbone_resize", disc.backbone_resize),
+                                               ("rec_feature_resize", adv.feature_resize)) if mode == "nearest"]
+            for name in nearest[:1] if disc.backbone != "none" else []:
+                for side in sides:
+                    require(disc.backbone_input_size % side == 0, f"{key}.{name}",
+                            f"'nearest' upscales by an integer factor, but backbone_input_size "
+                            f"{disc.backbone_input_size} is not a multiple of the {side}px images; set a multiple of "
+                            f"{side}, or 'bilinear'")
             require(adv.clip_loss_weight == 0 or m.text_dim > 0, f"{key}.clip_loss_weight",
                     "the CLIP regulariser compares images with their captions: it needs a text-conditioned model "
                     "(model.text_dim > 0); set it to 0")

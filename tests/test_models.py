@@ -450,10 +450,11 @@ def test_projected_discriminator_resizes_to_the_configured_backbone_input() -> N
         load_config(None, ["distill.adversarial.discriminator.backbone_input_size=100"])
 
 
-def test_nearest_backbone_resize_hands_the_backbone_whole_pixels() -> None:
+def test_nearest_backbone_resize_hands_the_backbone_whole_pixels(monkeypatch: pytest.MonkeyPatch) -> None:
     """discriminator.backbone_resize=nearest makes every pixel a k x k block for the discriminator and the feature
-    distance alike, where bilinear x4 keeps 36% of a Nyquist pattern's energy; a resolution that does not divide
-    backbone_input_size is refused with the key named."""
+    distance alike, where bilinear x4 keeps 36% of a Nyquist pattern's energy, and adversarial.rec_feature_resize
+    sets the feature distance's mode alone; a resolution that does not divide backbone_input_size is refused with
+    the key named."""
     from pagoda_dist.losses import reconstruction_distance
     from pagoda_dist.models.blocks import backbone_input
 
@@ -479,11 +480,34 @@ def test_nearest_backbone_resize_hands_the_backbone_whole_pixels() -> None:
     with pytest.raises(ValueError, match="backbone_resize=nearest: 24px images .* backbone_input_size=64"):
         Discriminator(cfg, 24)
     from pagoda_dist.config import ConfigError, load_config
+    from pagoda_dist.models.generator import OneStepGenerator
+    from pagoda_dist.stages.adversarial import AdversarialStage
+
+    # adversarial.rec_feature_resize gives the feature distance its own mode: blocks for the distance while the
+    # discriminator of the same stage keeps its smooth bilinear view.
+    tiles = load_config(Path(__file__).parent.parent / "configs" / "tiles.yaml",
+                        ["distill.adversarial.rec_feature_resize=nearest"])
+    adv = tiles.distill.adversarial
+    assert (adv.discriminator.backbone_resize, adv.feature_resize) == ("bilinear", "nearest")
+    backbone_class = type(disc.backbone)  # recorded on the class: the stage's distance binds the method it builds
+    unrecorded = backbone_class.forward_features
+    monkeypatch.setattr(backbone_class, "forward_features", lambda self, x: seen.append(x) or unrecorded(self, x))
+    stage = AdversarialStage(tiles, "distill", OneStepGenerator(tiles.model), adv, tiles.distill.train.optimizer)
+    seen.clear()
+    stage.rec_distance(stripes, -stripes)
+    stage.discriminator(stripes)
+    assert torch.equal(seen[0], -blocks) and torch.equal(seen[1], blocks)
+    assert torch.allclose(seen[2], backbone_input(stripes, 64, "bilinear"))
     grow_d = "grow.adversarial.discriminator."
     with pytest.raises(ConfigError, match=r"grow\.adversarial\.discriminator\.backbone_resize: .* "
                                           r"backbone_input_size 96 is not a multiple of the 64px images"):
         load_config(Path(__file__).parent.parent / "configs" / "tiles.yaml",
                     [f"{grow_d}backbone=efficientnet_lite0", f"{grow_d}backbone_resize=nearest",
+                     f"{grow_d}backbone_input_size=96"])
+    with pytest.raises(ConfigError, match=r"grow\.adversarial\.rec_feature_resize: .* "
+                                          r"backbone_input_size 96 is not a multiple of the 64px images"):
+        load_config(Path(__file__).parent.parent / "configs" / "tiles.yaml",
+                    [f"{grow_d}backbone=efficientnet_lite0", "grow.adversarial.rec_feature_resize=nearest",
                      f"{grow_d}backbone_input_size=96"])
 
 

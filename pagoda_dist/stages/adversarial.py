@@ -68,7 +68,7 @@ class AdversarialStage:
         self.rec_distance = reconstruction_distance(
             adv.rec_loss, None if backbone is None else backbone.forward_features,
             None if backbone is None else self.discriminator.backbone_input_size, adv.rec_multiscale_weight,
-            adv.discriminator.backbone_resize)
+            adv.feature_resize)
         # Growth resolutions only (validated), so the base-resolution distillation never splits its step.
         self.split_steps = generator.resolution in cfg.grow.split_steps
         self.recon_discriminator = recon_discriminator(cfg, adv, generator.resolution)
