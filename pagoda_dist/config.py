@@ -649,14 +649,14 @@ class Config:
         for key, adv, sides in (("distill.adversarial", self.distill.adversarial, [m.resolution]),
                                 ("grow.adversarial", self.grow.adversarial, self.grow.resolutions)):
             disc = adv.discriminator
-            nearest = [name for name, mode in (("discriminator.backbone_resize", disc.backbone_resize),
-                                               ("rec_feature_resize", adv.feature_resize)) if mode == "nearest"]
-            for name in nearest[:1] if disc.backbone != "none" else []:
-                for side in sides:
-                    require(disc.backbone_input_size % side == 0, f"{key}.{name}",
-                            f"'nearest' upscales by an integer factor, but backbone_input_size "
-                            f"{disc.backbone_input_size} is not a multiple of the {side}px images; set a multiple of "
-                            f"{side}, or 'bilinear'")
+            nearest = next((name for name, mode in (("discriminator.backbone_resize", disc.backbone_resize),
+                                                    ("rec_feature_resize", adv.feature_resize)) if mode == "nearest"),
+                           None)
+            for side in sides if nearest and disc.backbone != "none" else []:
+                require(disc.backbone_input_size % side == 0, f"{key}.{nearest}",
+                        f"'nearest' upscales by an integer factor, but backbone_input_size "
+                        f"{disc.backbone_input_size} is not a multiple of the {side}px images; set a multiple of "
+                        f"{side}, or 'bilinear'")
             require(adv.clip_loss_weight == 0 or m.text_dim > 0, f"{key}.clip_loss_weight",
                     "the CLIP regulariser compares images with their captions: it needs a text-conditioned model "
                     "(model.text_dim > 0); set it to 0")
