@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import scipy.stats
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -159,8 +161,19 @@ def seeds_table(stage: str, res: int, rows: list[dict[str, Any]]) -> str:
         spread = (lambda v: f" ({statistics.stdev(v):.1f})") if len(rows) > 1 else (lambda v: "")
         out.append(f"  {key:>16}: {statistics.mean(ours):.1f}{spread(ours)} vs {statistics.mean(ref):.1f}"
                    f"{spread(ref)}; change per draw {' '.join(f'{c:+.1%}' for c in change)}, median "
-                   f"{statistics.median(change):+.1%}, lower in {sum(c < 0 for c in change)}/{len(change)}")
+                   f"{statistics.median(change):+.1%}, lower in {sum(c < 0 for c in change)}/{len(change)}"
+                   f"{mean_interval(change)}")
     return "\n".join(out)
+
+
+def mean_interval(change: list[float]) -> str:
+    """The mean paired change and its 95% t-interval: whether the draws can tell the stage from its reference at all
+    (an interval across zero means they cannot, whichever way the mean points)."""
+    if len(change) < 2:
+        return ""
+    mean = statistics.mean(change)
+    half = scipy.stats.t.ppf(0.975, len(change) - 1) * statistics.stdev(change) / math.sqrt(len(change))
+    return f"; mean {mean:+.1%}, 95% interval {mean - half:+.1%} to {mean + half:+.1%}"
 
 
 def main() -> int:

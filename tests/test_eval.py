@@ -248,3 +248,23 @@ def test_standard_fid_pipeline_runs_on_a_local_file(tmp_path) -> None:
     torch.save(net.state_dict(), path)
     images = torch.rand(4, 3, 32, 32) * 2 - 1
     assert fid_inception(images, images, path, check_hash=False) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_seeds_table_gives_the_mean_change_and_its_95_percent_interval():
+    """The benchmark's paired summary must say when the draws cannot tell a stage from its reference."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "quality_vs_time.py"
+    spec = importlib.util.spec_from_file_location("quality_vs_time", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    change = [-0.069, 0.0, 0.056, 0.032, 0.082]  # mean 0.0202, sd 0.0584: t(0.975, 4) = 2.7764 -> half-width 0.0725
+    assert bench.mean_interval(change) == "; mean +2.0%, 95% interval -5.2% to +9.3%"
+    assert bench.mean_interval([-0.30, -0.31, -0.29]).endswith("interval -32.5% to -27.5%")
+    assert bench.mean_interval([0.01]) == ""  # one draw has no spread to judge by
+    rows = [{"metrics": {"swd/16": 100 * (1 + c), bench.EFFNET_METRIC: 50.0},
+             "reference": {"swd/16": 100.0, bench.EFFNET_METRIC: 60.0}} for c in change]
+    table = bench.seeds_table("distill", 16, rows)
+    assert "lower in 1/5; mean +2.0%, 95% interval -5.2% to +9.3%" in table
+    assert "lower in 5/5; mean -16.7%, 95% interval -16.7% to -16.7%" in table
