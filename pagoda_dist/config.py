@@ -281,11 +281,19 @@ class DiscriminatorConfig:
                     "adversarial.rec_feature_resize names its own) the feature distance: "
                     "antialiased bilinear, or 'nearest' (an integer upscale, every pixel a k x k block: bilinear x4 "
                     "keeps 36% of the energy of a pattern at the image's Nyquist frequency, blocks keep all of it)")
+    pixel_scales: int = knob(0, "with a backbone: this many plain conv scales (those backbone 'none' builds; scale s "
+                                "judges the image average-pooled by 2**s) beside the backbone's heads, on the images' "
+                                "own pixels: they see the pixel-scale grain the resize to backbone_input_size damps. "
+                                "Every head's hinge loss weighs the same")
     optimizer: OptimizerConfig = section(OptimizerConfig, "discriminator optimizer")
 
     def __post_init__(self) -> None:
         require(self.channels >= 8, "channels", "must be >= 8")
         require(self.num_scales >= 1, "num_scales", "must be >= 1")
+        require(self.pixel_scales >= 0, "pixel_scales", "must be >= 0")
+        require(self.pixel_scales == 0 or self.backbone != "none", "pixel_scales",
+                "adds pixel heads beside a backbone's; without one (backbone: none) every scale already judges "
+                "pixels: set num_scales instead")
         require(self.backbone_input_size >= 32 and self.backbone_input_size % 32 == 0, "backbone_input_size",
                 f"must be a multiple of 32 and >= 32 (the backbone downsamples 32x), got {self.backbone_input_size}")
 

@@ -268,3 +268,21 @@ def test_seeds_table_gives_the_mean_change_and_its_95_percent_interval():
     table = bench.seeds_table("distill", 16, rows)
     assert "lower in 1/5; mean +2.0%, 95% interval -5.2% to +9.3%" in table
     assert "lower in 5/5; mean -16.7%, 95% interval -16.7% to -16.7%" in table
+
+
+def test_swd_resolution_summarises_every_pair_of_sets():
+    """The resolution benchmark's summary: each set's mean (sd), and the three paired changes with their intervals."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "swd_resolution.py"
+    spec = importlib.util.spec_from_file_location("swd_resolution", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = [{"real": {"swd/16": 50.0}, "teacher": {"swd/16": 60.0}, "student": {"swd/16": 60.0 * (1 + c)}}
+            for c in (-0.069, 0.0, 0.056, 0.032, 0.082)]
+    lines = bench.summary(rows, "swd/16")
+    assert lines[0] == "  swd/16: real 50.0 (0.0), teacher 60.0 (0.0), student 61.2 (3.5)"
+    assert lines[1].startswith("    teacher vs real: +20.0% +20.0%") and "lower in 0/5; mean +20.0%" in lines[1]
+    assert lines[3] == ("    student vs teacher: -6.9% +0.0% +5.6% +3.2% +8.2%, lower in 1/5; mean +2.0%, "
+                        "95% interval -5.2% to +9.3%")

@@ -138,6 +138,18 @@ def test_the_held_out_split_is_checked_against_the_evaluation(tmp_path: Path, sh
                                                        "eval.floor_images=16"))
 
 
+def test_the_training_split_is_read_by_index_like_the_held_out_one(tmp_path: Path, shards: str) -> None:
+    """Measurements that need more real images than the held-out split holds read the training split the same way:
+    by index in a fixed order, disjoint from the held-out images, with a one-line refusal past its end."""
+    cfg = run_config(tmp_path, shards)
+    val = read_held_out(cfg, 0, 16).images
+    train = read_held_out(cfg, 0, 24, split="train").images
+    assert torch.equal(read_held_out(cfg, 8, 16, split="train").images, train[8:])
+    assert not any(torch.equal(a, b) for a in train for b in val)
+    with pytest.raises(ValueError, match=r"^reading 100000 images, but \S+ holds in its 'train' split \d+$"):
+        read_held_out(cfg, 0, 100000, split="train")
+
+
 def test_the_held_out_split_is_predicted_before_prepare(tmp_path: Path) -> None:
     missing = f"data.shards={tmp_path / 'not-prepared'}"
     builtin = load_config("configs/tiny.yaml", [*SMALL, f"run.root={tmp_path}", missing, "eval.num_images=64"])

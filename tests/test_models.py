@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagoda_dist.config import DiscriminatorConfig, ModelConfig
+from pagoda_dist.config import ConfigError, DiscriminatorConfig, ModelConfig
 from pagoda_dist.diffusion.edm import EDMPrecond, generator_output
 from pagoda_dist.models.checkpoint_safety import (
     ArchitectureMismatchError,
@@ -423,6 +423,34 @@ def test_projected_discriminator_on_frozen_backbone() -> None:
     assert all(torch.equal(frozen[n], p) for n, p in disc.backbone.state_dict().items())
 
 
+def test_pixel_scales_judge_the_images_own_pixels_beside_the_backbone() -> None:
+    """discriminator.pixel_scales adds conv heads on the image itself after the backbone's (no resize between the
+    pixels and them); the backbone's logits are the same as without them."""
+    from pagoda_dist.models.efficientnet_lite0 import default_weights_path
+
+    base = dict(channels=8, num_scales=2, backbone="efficientnet_lite0",
+                backbone_weights=str(default_weights_path()), backbone_input_size=64)
+    plain = Discriminator(DiscriminatorConfig(**base), 16, num_classes=NUM_CLASSES)
+    disc = Discriminator(DiscriminatorConfig(**base, pixel_scales=2), 16, num_classes=NUM_CLASSES)
+    missing = disc.load_state_dict(plain.state_dict(), strict=False).missing_keys  # the same backbone heads
+    assert {k.split(".")[0] + "." + k.split(".")[1] for k in missing} == {"pixel_scales.0", "pixel_scales.1",
+                                                                          "heads.2", "heads.3"}
+    assert [s.from_rgb.in_channels for s in disc.pixel_scales] == [3, 3] and len(disc.heads) == 4
+    cond = make_condition("class", 2)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    logits = disc(x, cond)
+    assert [t.shape for t in logits] == [(2,)] * 4
+    for a, b in zip(logits[:2], plain(x, cond)):
+        torch.testing.assert_close(a, b)
+    y = x.clone().requires_grad_(True)
+    disc(y, cond)[2].sum().backward()
+    assert y.grad.abs().sum() > 0  # the generator gets the pixel heads' gradients directly
+    with pytest.raises(ConfigError, match=r"pixel_scales: adds pixel heads beside a backbone's"):
+        DiscriminatorConfig(pixel_scales=1)
+    with pytest.raises(ValueError, match=r"discriminator\.pixel_scales=3 at resolution 8"):
+        Discriminator(DiscriminatorConfig(**base, pixel_scales=3), 8)
+
+
 def _record_backbone_inputs(disc: Discriminator) -> list[tuple[int, ...]]:
     """The shapes the discriminator's backbone is called with, from now on."""
     seen: list[tuple[int, ...]] = []
@@ -438,7 +466,7 @@ def _record_backbone_inputs(disc: Discriminator) -> list[tuple[int, ...]]:
 def test_projected_discriminator_resizes_to_the_configured_backbone_input() -> None:
     """discriminator.backbone_input_size is the side the backbone sees (the feature distance reuses it); a side the
     backbone cannot downsample 32x is refused with the key named."""
-    from pagoda_dist.config import ConfigError, load_config
+    from pagoda_dist.config import load_config
 
     for side in (64, 96):
         cfg = DiscriminatorConfig(channels=8, num_scales=2, backbone="efficientnet_lite0", backbone_input_size=side)
@@ -479,7 +507,7 @@ def test_nearest_backbone_resize_hands_the_backbone_whole_pixels(monkeypatch: py
     assert torch.equal(seen[1], -blocks) and torch.equal(seen[2], blocks)  # the target first, without gradients
     with pytest.raises(ValueError, match="backbone_resize=nearest: 24px images .* backbone_input_size=64"):
         Discriminator(cfg, 24)
-    from pagoda_dist.config import ConfigError, load_config
+    from pagoda_dist.config import load_config
     from pagoda_dist.models.generator import OneStepGenerator
     from pagoda_dist.stages.adversarial import AdversarialStage
 

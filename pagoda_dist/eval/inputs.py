@@ -30,17 +30,19 @@ class HeldOutSlice:
     captions: list[str] | None
 
 
-def read_held_out(cfg: Config, start: int, count: int) -> HeldOutSlice:
+def read_held_out(cfg: Config, start: int, count: int, split: str = "val") -> HeldOutSlice:
     """Samples start .. start + count - 1 of the 'val' split of the latent-pair set, in the evaluation's fixed
-    (seeded) order: any process reads the same samples for the same indices."""
+    (seeded) order: any process reads the same samples for the same indices. `split="train"` reads the training
+    split the same way, for measurements that need more real images than the held-out split has."""
     from pagoda_dist.data.reader import StreamingReader, condition_mode
 
-    reader = StreamingReader(cfg.pairs_url, batch_size=min(count, 256), split="val",
+    reader = StreamingReader(cfg.pairs_url, batch_size=min(count, 256), split=split,
                              condition=condition_mode(cfg.model), seed=cfg.run.seed,
                              shuffle_window=cfg.data.shuffle_buffer)
     if start + count > reader.samples_per_epoch:
-        raise ValueError(shortfall(cfg, reader.samples_per_epoch, f"{cfg.pairs_url} holds in its 'val' split",
-                                   need=start + count))
+        where = f"{cfg.pairs_url} holds in its '{split}' split"
+        raise ValueError(shortfall(cfg, reader.samples_per_epoch, where, need=start + count) if split == "val"
+                         else f"reading {start + count} images, but {where} {reader.samples_per_epoch}")
     reader.load_state_dict({**reader.state_dict(), "position": start})  # the order does not depend on batching
     images, conditions, captions, have = [], [], [], 0
     for batch in reader:

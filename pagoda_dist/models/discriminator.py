@@ -3,13 +3,15 @@
 Two kinds, picked by `DiscriminatorConfig.backbone`:
 - "none": `num_scales` small conv nets, scale s judging the image average-pooled by 2**s;
 - "efficientnet_lite0": a projected discriminator, small heads on the multi-scale feature maps of a frozen
-  ImageNet EfficientNet-Lite0 (the deepest `num_scales` of its four taps).
+  ImageNet EfficientNet-Lite0 (the deepest `num_scales` of its four taps), and `pixel_scales` of the plain conv
+  scales beside them on the image's own pixels.
 Both end in a projection head: logit = w . phi + <e(cond), phi>, with a class table (NO_CLASS -> last row) or a
 projection of the pooled text embedding, so the logits judge image-condition agreement, not just realism.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -128,30 +130,41 @@ class Discriminator(nn.Module):
                                  f"only {len(taps)} feature maps; use at most {len(taps)}")
             self.taps = list(range(len(taps) - cfg.num_scales, len(taps)))
             self.scales = nn.ModuleList([FeatureScale(taps[i], cfg.channels) for i in self.taps])
+            self.pixel_scales = _conv_scales(cfg, "pixel_scales", cfg.pixel_scales, resolution, in_channels)
         else:
-            coarsest = resolution >> (cfg.num_scales - 1)
-            if coarsest < MIN_RESOLUTION:
-                most = int(math.log2(resolution // MIN_RESOLUTION)) + 1
-                raise ValueError(f"discriminator.num_scales={cfg.num_scales} at resolution {resolution} judges a "
-                                 f"{coarsest}px image; use at most {most} scales (coarsest {MIN_RESOLUTION}px)")
             self.backbone = None
-            self.scales = nn.ModuleList([ConvScale(in_channels, resolution >> s, cfg.channels, 8 * cfg.channels)
-                                         for s in range(cfg.num_scales)])
-        self.heads = nn.ModuleList([ProjectionHead(s.features, num_classes, text_dim) for s in self.scales])
+            self.scales = _conv_scales(cfg, "num_scales", cfg.num_scales, resolution, in_channels)
+            self.pixel_scales = nn.ModuleList()
+        self.heads = nn.ModuleList([ProjectionHead(s.features, num_classes, text_dim)
+                                    for s in [*self.scales, *self.pixel_scales]])
 
     def forward(self, x: Tensor, cond: Condition | None = None) -> list[Tensor]:
         if x.shape[-1] != self.resolution or x.shape[-2] != self.resolution:
             raise ValueError(f"discriminator built for {self.resolution}px got images {tuple(x.shape)}")
         cond = Condition() if cond is None else cond
-        if self.backbone is not None:
-            return self._projected(x, cond)
-        logits = []
-        for s, (scale, head) in enumerate(zip(self.scales, self.heads)):
-            xs = F.avg_pool2d(x, 2**s) if s else x
-            logits.append(head(scale(xs), cond))
-        return logits
+        if self.backbone is None:
+            return self._pixels(x, cond, self.scales, self.heads)
+        pixel_heads = self.heads[len(self.scales):]
+        return self._projected(x, cond) + self._pixels(x, cond, self.pixel_scales, pixel_heads)
+
+    @staticmethod
+    def _pixels(x: Tensor, cond: Condition, scales: nn.ModuleList, heads: Sequence[nn.Module]) -> list[Tensor]:
+        """Logits of conv scales on the image itself, scale s on the image average-pooled by 2**s."""
+        return [head(scale(F.avg_pool2d(x, 2**s) if s else x), cond)
+                for s, (scale, head) in enumerate(zip(scales, heads))]
 
     def _projected(self, x: Tensor, cond: Condition) -> list[Tensor]:
         x = backbone_input(x, self.backbone_input_size, self.backbone_resize)
         feats = self.backbone.forward_features(x)  # frozen weights; gradients still reach x for the generator
         return [head(scale(feats[i]), cond) for i, scale, head in zip(self.taps, self.scales, self.heads)]
+
+
+def _conv_scales(cfg: DiscriminatorConfig, key: str, count: int, resolution: int, in_channels: int) -> nn.ModuleList:
+    """`count` conv scales on the image, scale s at resolution >> s; refused (naming `key`) below MIN_RESOLUTION."""
+    coarsest = resolution >> max(count - 1, 0)
+    if coarsest < MIN_RESOLUTION:
+        most = int(math.log2(resolution // MIN_RESOLUTION)) + 1
+        raise ValueError(f"discriminator.{key}={count} at resolution {resolution} judges a {coarsest}px image; use at "
+                         f"most {most} scales (coarsest {MIN_RESOLUTION}px)")
+    return nn.ModuleList([ConvScale(in_channels, resolution >> s, cfg.channels, 8 * cfg.channels)
+                          for s in range(count)])

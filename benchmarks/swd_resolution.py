@@ -1,0 +1,100 @@
+"""How finely the base resolution's SWD tells the one-step student from its teacher, and either from real data.
+
+The quality benchmark scores eval.num_images generated images against as many held-out ones; on the photo tiles that
+is 128 of the 312 held-out tiles, and a difference of a few percent between two stages may be the draw's. This
+benchmark takes its real sets from the training split, which holds thousands: the first N training images
+(evaluation order) are the reference, and in each draw the next N not yet used are scored as if a generator had
+drawn them (a generator of the data distribution itself: where any generator's score lands, and how far one draw
+moves it), beside the final teacher and the final student on the same noise. Per draw it prints SWD at the base
+resolution, FID-EffNetLite0 and the RMS of the finest Laplacian band (the image minus its binomial blur: how much
+pixel-scale grain a set has); then each set's mean (sd), and the student's and teacher's paired change against the
+real set and the student's against the teacher, with the mean change's 95% t-interval. An interval across zero
+means this N and this many draws cannot tell the two apart, whichever way the mean points.
+
+    python benchmarks/swd_resolution.py configs/tiles.yaml run.name=tiles-v9 --images 128 --draws 10
+    python benchmarks/swd_resolution.py configs/tiles.yaml run.name=tiles-v9 --images 512 --draws 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
+from pagoda_dist.config import load_config  # noqa: E402
+from pagoda_dist.data.tensors import downsample  # noqa: E402
+from pagoda_dist.eval.evaluate import Scorer, generate  # noqa: E402
+from pagoda_dist.eval.fid import EFFNET_METRIC  # noqa: E402
+from pagoda_dist.eval.inputs import load_network, read_held_out  # noqa: E402
+from pagoda_dist.eval.swd import laplacian_pyramid  # noqa: E402
+from pagoda_dist.pipeline import local_storage  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from quality_vs_time import mean_interval  # noqa: E402
+
+SETS = ("real", "teacher", "student")
+PAIRS = (("teacher", "real"), ("student", "real"), ("student", "teacher"))
+BAND = "finest band RMS"
+
+
+def finest_band_rms(images: torch.Tensor) -> float:
+    """RMS of the finest Laplacian band of images in [-1, 1]: the pixel-scale grain a set has."""
+    return float(laplacian_pyramid(images.float(), images.shape[-1] // 2)[0].square().mean().sqrt())
+
+
+def summary(rows: list[dict[str, dict[str, float]]], key: str) -> list[str]:
+    """Mean (sd) of each set over the draws, then each pair's change per draw with its mean and 95% interval."""
+    spread = (lambda v: f" ({statistics.stdev(v):.1f})") if len(rows) > 1 else (lambda v: "")
+    out = [f"  {key}: " + ", ".join(f"{name} {statistics.mean(v):.1f}{spread(v)}"
+                                    for name in SETS for v in [[r[name][key] for r in rows]])]
+    for ours, ref in PAIRS:
+        change = [r[ours][key] / r[ref][key] - 1 for r in rows]
+        out.append(f"    {ours} vs {ref}: {' '.join(f'{c:+.1%}' for c in change)}, lower in "
+                   f"{sum(c < 0 for c in change)}/{len(change)}{mean_interval(change)}")
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--images", type=int, default=128, help="images in every set (reference, real, generated)")
+    parser.add_argument("--draws", type=int, default=5, help="noise draws, each with its own real set")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    n, res = args.images, cfg.model.resolution
+    key = f"swd/{res}"
+    torch.manual_seed(cfg.run.seed)
+    rows = []
+    with local_storage(cfg):
+        try:
+            reference = read_held_out(cfg, 0, n, split="train")
+            real_sets = [read_held_out(cfg, n * (d + 1), n, split="train") for d in range(args.draws)]
+        except ValueError as err:
+            raise SystemExit(f"swd_resolution: {err}; lower --images or --draws") from None
+        real = downsample(reference.images, res)
+        score = Scorer(cfg)
+        nets = {"teacher": load_network(cfg, "teacher"), "student": load_network(cfg, "distill")}
+        for d, drawn in enumerate(real_sets, start=1):
+            g = torch.Generator().manual_seed(cfg.run.seed + d)  # draw 1 is the quality benchmark's curve noise
+            noise = torch.randn(n, cfg.model.in_channels, res, res, generator=g)
+            images = {"real": downsample(drawn.images, res),
+                      **{name: generate(cfg, net, noise, drawn.condition) for name, net in nets.items()}}
+            rows.append({name: {**score(real, images[name], drawn.captions), BAND: 1e3 * finest_band_rms(images[name])}
+                         for name in SETS})
+            print(f"[swd_resolution] draw {d}: " + "; ".join(
+                f"{name} {rows[-1][name][key]:.1f} / {rows[-1][name][EFFNET_METRIC]:.1f} / {rows[-1][name][BAND]:.1f}"
+                for name in SETS), flush=True)
+    print(f"\n{args.images} images per set against {args.images} training images, {args.draws} draws "
+          f"({key} / {EFFNET_METRIC} / {BAND} x 1e3)")
+    print("\n".join(summary(rows, key) + summary(rows, EFFNET_METRIC) + summary(rows, BAND)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
