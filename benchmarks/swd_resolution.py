@@ -11,8 +11,15 @@ pixel-scale grain a set has); then each set's mean (sd), and the student's and t
 real set and the student's against the teacher, with the mean change's 95% t-interval. An interval across zero
 means this N and this many draws cannot tell the two apart, whichever way the mean points.
 
+--inverted adds a fourth set: the student handed the inversion latents of the draw's own real tiles instead of fresh
+noise, and prints how those latents differ from N(0, I). Near the real set, it says the student has learnt the
+latent -> image map and what it lacks on fresh noise is the teacher's: real images invert to latents that unit noise
+does not look like (the teacher's distribution is not the data's), and only the GAN half, which sees fresh noise,
+can close that gap.
+
     python benchmarks/swd_resolution.py configs/tiles.yaml run.name=tiles-v9 --images 128 --draws 10
     python benchmarks/swd_resolution.py configs/tiles.yaml run.name=tiles-v9 --images 512 --draws 7
+    python benchmarks/swd_resolution.py configs/tiles.yaml run.name=tiles-v9 --images 128 --draws 10 --inverted
 """
 
 from __future__ import annotations
@@ -39,6 +46,8 @@ from quality_vs_time import mean_interval  # noqa: E402
 
 SETS = ("real", "teacher", "student")
 PAIRS = (("teacher", "real"), ("student", "real"), ("student", "teacher"))
+INVERTED = "student on latents"
+INVERTED_PAIRS = ((INVERTED, "real"), ("student", INVERTED))
 BAND = "finest band RMS"
 
 
@@ -47,12 +56,22 @@ def finest_band_rms(images: torch.Tensor) -> float:
     return float(laplacian_pyramid(images.float(), images.shape[-1] // 2)[0].square().mean().sqrt())
 
 
-def summary(rows: list[dict[str, dict[str, float]]], key: str) -> list[str]:
+def latent_stats(z: torch.Tensor) -> dict[str, float]:
+    """How a batch of base-resolution latents departs from i.i.d. unit noise: its std (per sigma_max when the
+    latents are at that scale), and, after each is scaled to unit std, the correlation of horizontal neighbours and
+    the spread of the per-image channel means (1 / resolution for white noise)."""
+    unit = z / z.flatten(1).std(dim=1).view(-1, 1, 1, 1)
+    return {"std": float(z.std()), "neighbour correlation": float((unit[..., 1:] * unit[..., :-1]).mean()),
+            "channel-mean sd": float(unit.mean(dim=(2, 3)).std())}
+
+
+def summary(rows: list[dict[str, dict[str, float]]], key: str, sets: tuple[str, ...] = SETS,
+            pairs: tuple[tuple[str, str], ...] = PAIRS) -> list[str]:
     """Mean (sd) of each set over the draws, then each pair's change per draw with its mean and 95% interval."""
     spread = (lambda v: f" ({statistics.stdev(v):.1f})") if len(rows) > 1 else (lambda v: "")
     out = [f"  {key}: " + ", ".join(f"{name} {statistics.mean(v):.1f}{spread(v)}"
-                                    for name in SETS for v in [[r[name][key] for r in rows]])]
-    for ours, ref in PAIRS:
+                                    for name in sets for v in [[r[name][key] for r in rows]])]
+    for ours, ref in pairs:
         change = [r[ours][key] / r[ref][key] - 1 for r in rows]
         out.append(f"    {ours} vs {ref}: {' '.join(f'{c:+.1%}' for c in change)}, lower in "
                    f"{sum(c < 0 for c in change)}/{len(change)}{mean_interval(change)}")
@@ -65,16 +84,20 @@ def main() -> int:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--images", type=int, default=128, help="images in every set (reference, real, generated)")
     parser.add_argument("--draws", type=int, default=5, help="noise draws, each with its own real set")
+    parser.add_argument("--inverted", action="store_true",
+                        help="also score the student on the inversion latents of each draw's real tiles")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     n, res = args.images, cfg.model.resolution
     key = f"swd/{res}"
+    sets, pairs = (SETS + (INVERTED,), PAIRS + INVERTED_PAIRS) if args.inverted else (SETS, PAIRS)
     torch.manual_seed(cfg.run.seed)
-    rows = []
+    rows, latent_rows = [], []
     with local_storage(cfg):
         try:
             reference = read_held_out(cfg, 0, n, split="train")
-            real_sets = [read_held_out(cfg, n * (d + 1), n, split="train") for d in range(args.draws)]
+            real_sets = [read_held_out(cfg, n * (d + 1), n, split="train", latents=args.inverted)
+                         for d in range(args.draws)]
         except ValueError as err:
             raise SystemExit(f"swd_resolution: {err}; lower --images or --draws") from None
         real = downsample(reference.images, res)
@@ -85,14 +108,23 @@ def main() -> int:
             noise = torch.randn(n, cfg.model.in_channels, res, res, generator=g)
             images = {"real": downsample(drawn.images, res),
                       **{name: generate(cfg, net, noise, drawn.condition) for name, net in nets.items()}}
+            if args.inverted:
+                unit_latents = drawn.latent / cfg.diffusion.sigma_max
+                # guidance 1: the latents invert the unguided PF-ODE, the input reconstruction trains the student on
+                images[INVERTED] = generate(cfg, nets["student"], unit_latents, drawn.condition, guidance=1.0)
+                latent_rows.append({"latents": latent_stats(unit_latents), "noise": latent_stats(noise)})
             rows.append({name: {**score(real, images[name], drawn.captions), BAND: 1e3 * finest_band_rms(images[name])}
-                         for name in SETS})
+                         for name in sets})
             print(f"[swd_resolution] draw {d}: " + "; ".join(
                 f"{name} {rows[-1][name][key]:.1f} / {rows[-1][name][EFFNET_METRIC]:.1f} / {rows[-1][name][BAND]:.1f}"
-                for name in SETS), flush=True)
+                for name in sets), flush=True)
     print(f"\n{args.images} images per set against {args.images} training images, {args.draws} draws "
           f"({key} / {EFFNET_METRIC} / {BAND} x 1e3)")
-    print("\n".join(summary(rows, key) + summary(rows, EFFNET_METRIC) + summary(rows, BAND)))
+    print("\n".join(line for metric in (key, EFFNET_METRIC, BAND) for line in summary(rows, metric, sets, pairs)))
+    if latent_rows:  # the inversion latents per sigma_max against the unit noise the other sets are drawn from
+        print("  latents vs unit noise: " + ", ".join(
+            f"{stat} {statistics.mean(r['latents'][stat] for r in latent_rows):.3f} vs "
+            f"{statistics.mean(r['noise'][stat] for r in latent_rows):.3f}" for stat in latent_rows[0]["noise"]))
     return 0
 
 

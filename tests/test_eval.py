@@ -271,7 +271,8 @@ def test_seeds_table_gives_the_mean_change_and_its_95_percent_interval():
 
 
 def test_swd_resolution_summarises_every_pair_of_sets():
-    """The resolution benchmark's summary: each set's mean (sd), and the three paired changes with their intervals."""
+    """The resolution benchmark's summary: each set's mean (sd), and the paired changes with their intervals (the
+    --inverted set's too); its latent statistics tell white noise from spatially correlated latents."""
     import importlib.util
     from pathlib import Path
 
@@ -286,3 +287,17 @@ def test_swd_resolution_summarises_every_pair_of_sets():
     assert lines[1].startswith("    teacher vs real: +20.0% +20.0%") and "lower in 0/5; mean +20.0%" in lines[1]
     assert lines[3] == ("    student vs teacher: -6.9% +0.0% +5.6% +3.2% +8.2%, lower in 1/5; mean +2.0%, "
                         "95% interval -5.2% to +9.3%")
+    for row in rows:
+        row[bench.INVERTED] = {"swd/16": 51.0}
+    lines = bench.summary(rows, "swd/16", bench.SETS + (bench.INVERTED,), bench.INVERTED_PAIRS)
+    assert lines[0].endswith(", student on latents 51.0 (0.0)")
+    assert lines[1].startswith("    student on latents vs real: +2.0% +2.0%")
+    assert lines[2].startswith("    student vs student on latents: +9.5% +17.6%")
+
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(512, 3, 16, 16, generator=g)
+    white = bench.latent_stats(80.0 * noise)
+    assert abs(white["std"] - 80.0) < 1.0 and abs(white["neighbour correlation"]) < 0.01
+    assert abs(white["channel-mean sd"] - 1 / 16) < 0.005  # the mean of 256 unit values
+    smooth = bench.latent_stats(noise + noise.roll(1, dims=-1))  # neighbours share half their variance
+    assert abs(smooth["neighbour correlation"] - 0.5) < 0.02 and smooth["channel-mean sd"] > 1.3 / 16

@@ -589,6 +589,24 @@ def _gan_source(url: str, *, rank: int = 0, world_size: int = 1, batch_size: int
                         rank=rank, world_size=world_size, state=state, global_batch=8)
 
 
+def test_measurements_read_real_tiles_with_their_own_inversion_latents(pairs: tuple[str, np.ndarray]) -> None:
+    """read_held_out(latents=True), as swd_resolution --inverted uses it: each image beside the latent of that image,
+    never a mirror (evaluation does not flip, whatever data.hflip says), by index like the images alone."""
+    from pagoda_dist.eval.inputs import read_held_out
+
+    url, images = pairs
+    cfg = small_config("data.hflip=pairs", "precompute.flip=true", f"precompute.output={url}", f"data.shards={url}",
+                       "data.shuffle_buffer=8")
+    whole = read_held_out(cfg, 0, 24, split="train", latents=True)
+    assert whole.latent is not None and whole.latent.shape == (24, 3, 16, 16)
+    assert torch.allclose(whole.latent, downsample(whole.images, 16), atol=1e-5)
+    stored = {tuple(img.flatten()[:12]) for img in to_tensor(images, 32).numpy().round(5)}
+    assert all(tuple(img.flatten()[:12]) in stored for img in whole.images.numpy().round(5))  # none mirrored
+    part = read_held_out(cfg, 8, 8, split="train", latents=True)
+    assert torch.equal(part.latent, whole.latent[8:16]) and torch.equal(part.images, whole.images[8:16])
+    assert read_held_out(cfg, 0, 8, split="train").latent is None
+
+
 def test_separate_real_stream_reads_other_reals_and_resumes_them(pairs: tuple[str, np.ndarray]) -> None:
     """Each batch carries a second stream's reals (no latents, an order of their own: over an epoch they are not
     the reconstruction batch's), whose position the state carries: a resumed source, on the same or another world

@@ -23,37 +23,42 @@ from pagoda_dist.stages import TeacherStage
 
 @dataclass
 class HeldOutSlice:
-    """Consecutive held-out samples: full-resolution images in [-1, 1], their conditions and captions."""
+    """Consecutive held-out samples: full-resolution images in [-1, 1], their conditions and captions, and (when
+    asked for) their inversion latents at sigma_max scale."""
 
     images: Tensor
     condition: Condition
     captions: list[str] | None
+    latent: Tensor | None = None
 
 
-def read_held_out(cfg: Config, start: int, count: int, split: str = "val") -> HeldOutSlice:
+def read_held_out(cfg: Config, start: int, count: int, split: str = "val", latents: bool = False) -> HeldOutSlice:
     """Samples start .. start + count - 1 of the 'val' split of the latent-pair set, in the evaluation's fixed
     (seeded) order: any process reads the same samples for the same indices. `split="train"` reads the training
-    split the same way, for measurements that need more real images than the held-out split has."""
+    split the same way, for measurements that need more real images than the held-out split has; `latents` also
+    reads each image's inversion latent."""
     from pagoda_dist.data.reader import StreamingReader, condition_mode
 
     reader = StreamingReader(cfg.pairs_url, batch_size=min(count, 256), split=split,
                              condition=condition_mode(cfg.model), seed=cfg.run.seed,
-                             shuffle_window=cfg.data.shuffle_buffer)
+                             shuffle_window=cfg.data.shuffle_buffer, needs_latents=latents)
     if start + count > reader.samples_per_epoch:
         where = f"{cfg.pairs_url} holds in its '{split}' split"
         raise ValueError(shortfall(cfg, reader.samples_per_epoch, where, need=start + count) if split == "val"
                          else f"reading {start + count} images, but {where} {reader.samples_per_epoch}")
     reader.load_state_dict({**reader.state_dict(), "position": start})  # the order does not depend on batching
-    images, conditions, captions, have = [], [], [], 0
+    images, conditions, captions, inverted, have = [], [], [], [], 0
     for batch in reader:
         images.append(batch.image)
+        inverted.append(batch.latent)
         conditions.append(batch.condition)
         captions.extend(batch.captions or [])
         have += len(batch)
         if have >= count:
             break
     cond = Condition.cat(conditions)[:count] if not conditions[0].is_empty else Condition()
-    return HeldOutSlice(torch.cat(images)[:count], cond, captions[:count] if len(captions) >= count else None)
+    return HeldOutSlice(torch.cat(images)[:count], cond, captions[:count] if len(captions) >= count else None,
+                        torch.cat(inverted)[:count] if latents else None)
 
 
 def load_network(cfg: Config, stage: str) -> torch.nn.Module:
