@@ -37,7 +37,7 @@ from pagoda_dist.config import load_config  # noqa: E402
 from pagoda_dist.data.tensors import downsample  # noqa: E402
 from pagoda_dist.eval.evaluate import Scorer, generate  # noqa: E402
 from pagoda_dist.eval.fid import EFFNET_METRIC  # noqa: E402
-from pagoda_dist.eval.inputs import load_network, read_held_out  # noqa: E402
+from pagoda_dist.eval.inputs import HeldOutSlice, load_network, read_held_out  # noqa: E402
 from pagoda_dist.eval.swd import laplacian_pyramid  # noqa: E402
 from pagoda_dist.pipeline import local_storage  # noqa: E402
 
@@ -54,6 +54,17 @@ BAND = "finest band RMS"
 def finest_band_rms(images: torch.Tensor) -> float:
     """RMS of the finest Laplacian band of images in [-1, 1]: the pixel-scale grain a set has."""
     return float(laplacian_pyramid(images.float(), images.shape[-1] // 2)[0].square().mean().sqrt())
+
+
+def consecutive_sets(tiles: HeldOutSlice, n: int) -> list[HeldOutSlice]:
+    """One read of the training split cut into sets of n: the reference, then each draw's real set (one reader,
+    not one per set)."""
+    def part(i: int) -> HeldOutSlice:
+        at = slice(n * i, n * (i + 1))
+        return HeldOutSlice(tiles.images[at], tiles.condition if tiles.condition.is_empty else tiles.condition[at],
+                            tiles.captions[at] if tiles.captions else None,
+                            None if tiles.latent is None else tiles.latent[at])
+    return [part(i) for i in range(len(tiles.images) // n)]
 
 
 def latent_stats(z: torch.Tensor) -> dict[str, float]:
@@ -95,11 +106,10 @@ def main() -> int:
     rows, latent_rows = [], []
     with local_storage(cfg):
         try:
-            reference = read_held_out(cfg, 0, n, split="train")
-            real_sets = [read_held_out(cfg, n * (d + 1), n, split="train", latents=args.inverted)
-                         for d in range(args.draws)]
+            tiles = read_held_out(cfg, 0, n * (args.draws + 1), split="train", latents=args.inverted)
         except ValueError as err:
             raise SystemExit(f"swd_resolution: {err}; lower --images or --draws") from None
+        reference, *real_sets = consecutive_sets(tiles, n)
         real = downsample(reference.images, res)
         score = Scorer(cfg)
         nets = {"teacher": load_network(cfg, "teacher"), "student": load_network(cfg, "distill")}
