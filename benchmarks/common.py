@@ -1,10 +1,21 @@
-"""What several benchmarks share: a fresh embedded S3 server to measure against."""
+"""What several benchmarks share: a command line that starts like `pagoda run`'s, and a fresh embedded S3 server to
+measure against."""
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 
 from pagoda_dist import storage
+
+
+def config_parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's argument parser taking a config file and its dotted overrides, as `pagoda run` does; the
+    benchmark adds its own options."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. run.name=tiles-v9")
+    return parser
 
 
 def embedded_s3(folder: Path, bucket: str = "bench") -> tuple[storage.LocalS3Server, str]:

@@ -13,7 +13,6 @@ in others, and a distribution that lacks it shows at the finest level whatever t
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import Tensor
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
+from benchmarks.common import config_parser  # noqa: E402
 from pagoda_dist.config import load_config  # noqa: E402
 from pagoda_dist.data.tensors import downsample  # noqa: E402
 from pagoda_dist.eval.evaluate import Scorer, bicubic, generate, held_out  # noqa: E402
@@ -41,9 +41,7 @@ def band_statistics(images: Tensor) -> tuple[float, float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. run.name=tiles-v6")
+    parser = config_parser(__doc__)
     parser.add_argument("--seeds", type=int, default=5, help="noise draws of the generated sets")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)

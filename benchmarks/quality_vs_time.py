@@ -20,7 +20,6 @@ Prints one table per stage and writes everything to --json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -34,6 +33,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
+from benchmarks.common import config_parser  # noqa: E402
 from pagoda_dist.chain import StageSpec, chain, stage_spec  # noqa: E402
 from pagoda_dist.config import Config, load_config  # noqa: E402
 from pagoda_dist.data.tensors import downsample  # noqa: E402
@@ -177,9 +177,7 @@ def mean_interval(change: list[float]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
+    parser = config_parser(__doc__)
     parser.add_argument("--every", default="teacher=4,distill=2,grow=1",
                         help="checkpoint interval in kimg per stage kind (all checkpoints are kept)")
     parser.add_argument("--no-train", action="store_true", help="only evaluate what the run has committed")

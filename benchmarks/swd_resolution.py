@@ -15,7 +15,10 @@ means this N and this many draws cannot tell the two apart, whichever way the me
 noise, and prints how those latents differ from N(0, I). Near the real set, it says the student has learnt the
 latent -> image map and what it lacks on fresh noise is the teacher's: real images invert to latents that unit noise
 does not look like (the teacher's distribution is not the data's), and only the GAN half, which sees fresh noise,
-can close that gap.
+can close that gap. A fifth set, the student on the same noise coloured to the latents' second-order statistics
+(per spatial frequency, the channel covariance of all the latents read), says whether those statistics are the
+difference: near the student on latents, they are; near or beyond the student on fresh noise, the difference lies in
+what a Gaussian cannot carry.
 
     python benchmarks/swd_resolution.py configs/tiles.yaml run.name=tiles-v9 --images 128 --draws 10
     python benchmarks/swd_resolution.py configs/tiles.yaml run.name=tiles-v9 --images 512 --draws 7
@@ -24,7 +27,6 @@ can close that gap.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -33,6 +35,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
+from benchmarks.common import config_parser  # noqa: E402
 from pagoda_dist.config import load_config  # noqa: E402
 from pagoda_dist.data.tensors import downsample  # noqa: E402
 from pagoda_dist.eval.evaluate import Scorer, generate  # noqa: E402
@@ -47,7 +50,8 @@ from quality_vs_time import mean_interval  # noqa: E402
 SETS = ("real", "teacher", "student")
 PAIRS = (("teacher", "real"), ("student", "real"), ("student", "teacher"))
 INVERTED = "student on latents"
-INVERTED_PAIRS = ((INVERTED, "real"), ("student", INVERTED))
+COLOURED = "student on coloured noise"
+INVERTED_PAIRS = ((INVERTED, "real"), ("student", INVERTED), (COLOURED, "student"))
 BAND = "finest band RMS"
 
 
@@ -76,6 +80,23 @@ def latent_stats(z: torch.Tensor) -> dict[str, float]:
             "channel-mean sd": float(unit.mean(dim=(2, 3)).std())}
 
 
+def spectrum_root(latents: torch.Tensor) -> torch.Tensor:
+    """(H, W, C, C) square roots of the latents' channel covariance at each spatial frequency of their 2-D Fourier
+    transform: what turns unit noise into the stationary Gaussian with the latents' spectrum and colour
+    correlations (`coloured`). A real image's transform at -f is the conjugate of that at f, so the estimate and
+    its root are too, and the coloured noise comes back real."""
+    coeffs = torch.fft.fft2(latents.double()).permute(2, 3, 1, 0)  # (H, W, C, N)
+    cov = coeffs @ coeffs.conj().transpose(-1, -2) / (latents.shape[0] * latents.shape[-2] * latents.shape[-1])
+    values, vectors = torch.linalg.eigh(cov)
+    return vectors @ torch.diag_embed(values.clamp_min(0).sqrt().to(vectors.dtype)) @ vectors.conj().transpose(-1, -2)
+
+
+def coloured(noise: torch.Tensor, root: torch.Tensor) -> torch.Tensor:
+    """Unit noise (N, C, H, W) given the second-order statistics `root` was taken from, frequency by frequency."""
+    coeffs = torch.fft.fft2(noise.double()).permute(2, 3, 1, 0)
+    return torch.fft.ifft2((root @ coeffs).permute(3, 2, 0, 1)).real.to(noise.dtype)
+
+
 def summary(rows: list[dict[str, dict[str, float]]], key: str, sets: tuple[str, ...] = SETS,
             pairs: tuple[tuple[str, str], ...] = PAIRS) -> list[str]:
     """Mean (sd) of each set over the draws, then each pair's change per draw with its mean and 95% interval."""
@@ -90,9 +111,7 @@ def summary(rows: list[dict[str, dict[str, float]]], key: str, sets: tuple[str, 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
-    parser.add_argument("overrides", nargs="*")
+    parser = config_parser(__doc__)
     parser.add_argument("--images", type=int, default=128, help="images in every set (reference, real, generated)")
     parser.add_argument("--draws", type=int, default=5, help="noise draws, each with its own real set")
     parser.add_argument("--inverted", action="store_true",
@@ -101,7 +120,7 @@ def main() -> int:
     cfg = load_config(args.config, args.overrides)
     n, res = args.images, cfg.model.resolution
     key = f"swd/{res}"
-    sets, pairs = (SETS + (INVERTED,), PAIRS + INVERTED_PAIRS) if args.inverted else (SETS, PAIRS)
+    sets, pairs = (SETS + (INVERTED, COLOURED), PAIRS + INVERTED_PAIRS) if args.inverted else (SETS, PAIRS)
     torch.manual_seed(cfg.run.seed)
     rows, latent_rows = [], []
     with local_storage(cfg):
@@ -111,6 +130,8 @@ def main() -> int:
             raise SystemExit(f"swd_resolution: {err}; lower --images or --draws") from None
         reference, *real_sets = consecutive_sets(tiles, n)
         real = downsample(reference.images, res)
+        if args.inverted:  # one estimate from every latent read: 128 per frequency would leave it noisy
+            root = spectrum_root(tiles.latent / cfg.diffusion.sigma_max)
         score = Scorer(cfg)
         nets = {"teacher": load_network(cfg, "teacher"), "student": load_network(cfg, "distill")}
         for d, drawn in enumerate(real_sets, start=1):
@@ -122,7 +143,10 @@ def main() -> int:
                 unit_latents = drawn.latent / cfg.diffusion.sigma_max
                 # guidance 1: the latents invert the unguided PF-ODE, the input reconstruction trains the student on
                 images[INVERTED] = generate(cfg, nets["student"], unit_latents, drawn.condition, guidance=1.0)
-                latent_rows.append({"latents": latent_stats(unit_latents), "noise": latent_stats(noise)})
+                tinted = coloured(noise, root)
+                images[COLOURED] = generate(cfg, nets["student"], tinted, drawn.condition, guidance=1.0)
+                latent_rows.append({"latents": latent_stats(unit_latents), "coloured": latent_stats(tinted),
+                                    "noise": latent_stats(noise)})
             rows.append({name: {**score(real, images[name], drawn.captions), BAND: 1e3 * finest_band_rms(images[name])}
                          for name in sets})
             print(f"[swd_resolution] draw {d}: " + "; ".join(
@@ -132,9 +156,11 @@ def main() -> int:
           f"({key} / {EFFNET_METRIC} / {BAND} x 1e3)")
     print("\n".join(line for metric in (key, EFFNET_METRIC, BAND) for line in summary(rows, metric, sets, pairs)))
     if latent_rows:  # the inversion latents per sigma_max against the unit noise the other sets are drawn from
-        print("  latents vs unit noise: " + ", ".join(
-            f"{stat} {statistics.mean(r['latents'][stat] for r in latent_rows):.3f} vs "
-            f"{statistics.mean(r['noise'][stat] for r in latent_rows):.3f}" for stat in latent_rows[0]["noise"]))
+        mean = {kind: {stat: statistics.mean(r[kind][stat] for r in latent_rows) for stat in latent_rows[0][kind]}
+                for kind in latent_rows[0]}
+        print("  latents vs coloured noise vs unit noise: " + ", ".join(
+            f"{stat} {mean['latents'][stat]:.3f} / {mean['coloured'][stat]:.3f} / {mean['noise'][stat]:.3f}"
+            for stat in mean["noise"]))
     return 0
 
 

@@ -289,10 +289,12 @@ def test_swd_resolution_summarises_every_pair_of_sets():
                         "95% interval -5.2% to +9.3%")
     for row in rows:
         row[bench.INVERTED] = {"swd/16": 51.0}
-    lines = bench.summary(rows, "swd/16", bench.SETS + (bench.INVERTED,), bench.INVERTED_PAIRS)
-    assert lines[0].endswith(", student on latents 51.0 (0.0)")
+        row[bench.COLOURED] = {"swd/16": 66.0}
+    lines = bench.summary(rows, "swd/16", bench.SETS + (bench.INVERTED, bench.COLOURED), bench.INVERTED_PAIRS)
+    assert lines[0].endswith(", student on latents 51.0 (0.0), student on coloured noise 66.0 (0.0)")
     assert lines[1].startswith("    student on latents vs real: +2.0% +2.0%")
     assert lines[2].startswith("    student vs student on latents: +9.5% +17.6%")
+    assert lines[3].startswith("    student on coloured noise vs student: +18.2% +10.0%")
 
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(512, 3, 16, 16, generator=g)
@@ -301,3 +303,64 @@ def test_swd_resolution_summarises_every_pair_of_sets():
     assert abs(white["channel-mean sd"] - 1 / 16) < 0.005  # the mean of 256 unit values
     smooth = bench.latent_stats(noise + noise.roll(1, dims=-1))  # neighbours share half their variance
     assert abs(smooth["neighbour correlation"] - 0.5) < 0.02 and smooth["channel-mean sd"] > 1.3 / 16
+
+
+def test_coloured_noise_carries_the_latents_second_order_statistics_and_nothing_else():
+    """swd_resolution's coloured noise: fresh unit noise given, frequency by frequency, the channel covariance of a
+    set of latents: their neighbour correlation, spread of channel means and colour correlation come back, and white
+    latents leave the noise white; the output is real and Gaussian whatever the latents' own distribution."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "swd_resolution.py"
+    spec = importlib.util.spec_from_file_location("swd_resolution", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(4096, 3, 16, 16, generator=g)
+    fresh = torch.randn(4096, 3, 16, 16, generator=g)
+    white = bench.coloured(fresh, bench.spectrum_root(base))
+    assert white.dtype == fresh.dtype and white.shape == fresh.shape
+    assert (white - fresh).abs().max() < 0.2  # the sample covariance of 4096 white latents is I to within ~3%
+    smooth = (base + base.roll(1, dims=-1)) / 2**0.5
+    grey = torch.cat([smooth[:, :1] * 0.8 + smooth[:, 1:2] * 0.6, smooth[:, 1:]], dim=1)  # channels 0, 1 at 0.6
+    tinted = bench.coloured(fresh, bench.spectrum_root(grey))
+    want, got = bench.latent_stats(grey), bench.latent_stats(tinted)
+    assert abs(got["neighbour correlation"] - want["neighbour correlation"]) < 0.02
+    assert abs(got["channel-mean sd"] - want["channel-mean sd"]) < 0.01
+    assert abs(torch.corrcoef(tinted[:, :2].transpose(0, 1).flatten(1))[0, 1] - 0.6) < 0.02
+    signs = bench.coloured(fresh, bench.spectrum_root(base.sign()))  # +-1 latents: the noise stays Gaussian
+    kurtosis = (signs.flatten() ** 4).mean() / (signs.flatten() ** 2).mean() ** 2
+    assert abs(kurtosis - 3.0) < 0.1
+
+
+def test_discriminator_probe_tells_apart_what_differs_and_not_what_does_not():
+    """discriminator_probe's training loop: a small pixel discriminator trained on shifted-brightness images against
+    plain ones scores far above chance on held-back images; on two draws of one distribution it stays near chance;
+    under DiffAugment's colour jitter (brightness +-0.5, wider than the shift) it tells them apart less well."""
+    import importlib.util
+    from pathlib import Path
+
+    from pagoda_dist.config import DiscriminatorConfig, OptimizerConfig
+    from pagoda_dist.losses import diff_augment
+    from pagoda_dist.models.discriminator import Discriminator
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "discriminator_probe.py"
+    spec = importlib.util.spec_from_file_location("discriminator_probe", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    g = torch.Generator().manual_seed(0)
+    plain, other = (0.3 * torch.randn(600, 3, 8, 8, generator=g) for _ in range(2))
+    bright = 0.3 * torch.randn(600, 3, 8, 8, generator=g) + 0.15
+    opt = OptimizerConfig(name="adam", lr=2e-3, betas=[0.0, 0.99])
+
+    def accuracy(real: torch.Tensor, fake: torch.Tensor, augment=None) -> float:
+        torch.manual_seed(0)
+        net = Discriminator(DiscriminatorConfig(channels=8, num_scales=1), 8)
+        return bench.probe(net, real, fake, train=400, steps=150, batch=32, optimizer=opt, augment=augment)
+
+    shifted = accuracy(bright, plain)
+    assert shifted > 0.9
+    assert abs(accuracy(other, plain) - 0.5) < 0.1
+    jitter = accuracy(bright, plain, augment=lambda r, f: diff_augment(r, f, policy="color"))
+    assert 0.6 < jitter < shifted - 0.05
