@@ -115,7 +115,8 @@ def main() -> int:
     parser.add_argument("--images", type=int, default=128, help="images in every set (reference, real, generated)")
     parser.add_argument("--draws", type=int, default=5, help="noise draws, each with its own real set")
     parser.add_argument("--inverted", action="store_true",
-                        help="also score the student on the inversion latents of each draw's real tiles")
+                        help="also score the student on the inversion latents of each draw's real tiles, and on "
+                             "the draw's noise coloured to the latents' spectrum")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     n, res = args.images, cfg.model.resolution
