@@ -95,8 +95,7 @@ def main() -> int:
             raise SystemExit(f"discriminator_probe: {err}; lower --train or --held-out") from None
         noise = torch.randn(n, cfg.model.in_channels, res, res, generator=torch.Generator().manual_seed(cfg.run.seed))
         nets = {"teacher": load_network(cfg, "teacher"), "student": load_network(cfg, "distill")}
-        generated = {stage: torch.cat([generate(cfg, net, z, Condition()) for z in noise.split(500)])
-                     for stage, net in nets.items()}
+        generated = {stage: generate(cfg, net, noise, Condition()) for stage, net in nets.items()}
     print(f"[discriminator_probe] {args.train} vs {args.train} images, {args.steps} steps of "
           f"{cfg.distill.train.batch_size}; accuracy on {args.held_out} vs {args.held_out} held back (0.5: chance)")
     for stage, fake in generated.items():

@@ -65,7 +65,7 @@ def consecutive_sets(tiles: HeldOutSlice, n: int) -> list[HeldOutSlice]:
     not one per set)."""
     def part(i: int) -> HeldOutSlice:
         at = slice(n * i, n * (i + 1))
-        return HeldOutSlice(tiles.images[at], tiles.condition if tiles.condition.is_empty else tiles.condition[at],
+        return HeldOutSlice(tiles.images[at], tiles.condition[at],  # an empty condition slices to itself
                             tiles.captions[at] if tiles.captions else None,
                             None if tiles.latent is None else tiles.latent[at])
     return [part(i) for i in range(len(tiles.images) // n)]

@@ -50,7 +50,8 @@ def read_held_out(cfg: Config, start: int, count: int, split: str = "val", laten
     images, conditions, captions, inverted, have = [], [], [], [], 0
     for batch in reader:
         images.append(batch.image)
-        inverted.append(batch.latent)
+        if latents:
+            inverted.append(batch.latent)
         conditions.append(batch.condition)
         captions.extend(batch.captions or [])
         have += len(batch)
