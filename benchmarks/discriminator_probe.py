@@ -4,9 +4,10 @@ The GAN half of distillation can only pull the student toward what its discrimin
 trains fresh discriminators offline, each on `--train` real training images (box-downsampled to the base
 resolution) against as many generated ones (the teacher's and the student's samples, the same noise), for `--steps`
 steps of the distillation batch with the config's discriminator optimizer and the hinge loss, and prints each one's
-accuracy on `--held-out` further images of each side (0.5: chance). Three discriminators per generated set: the
+accuracy on `--held-out` further images of each side (0.5: chance). Four discriminators per generated set: the
 config's own (distill.adversarial.discriminator) with and without its DiffAugment policy (applied, as in training,
-to both sides alike), and the plain conv one on the pixels (backbone none, the same channels, two scales).
+to both sides alike), the plain conv one on the pixels (backbone none, the same channels, two scales, mean head),
+and that one ended as StyleGAN's is (conv_head dense, minibatch_std 4), unaugmented.
 
     python benchmarks/discriminator_probe.py configs/tiles.yaml run.name=tiles-h1 --train 3000 --held-out 1000
 """
@@ -66,13 +67,16 @@ def discriminators(cfg: Config) -> dict[str, tuple[Callable[[], nn.Module], Augm
     """The probed discriminators by name: a builder for fresh weights and the augmentation they train under."""
     adv, res = cfg.distill.adversarial, cfg.model.resolution
     own, pixels = adv.discriminator, dataclasses.replace(adv.discriminator, backbone="none", num_scales=2,
-                                                         pixel_scales=0)
+                                                         pixel_scales=0, conv_head="mean", minibatch_std=0)
     augment = (lambda r, f: diff_augment(r, f, policy=adv.diffaug, cutout_ratio=adv.cutout_ratio)) \
         if adv.diffaug else None
     out = {f"config's, DiffAugment {adv.diffaug or 'off'}": (lambda: Discriminator(own, res), augment)}
     if augment:
         out["config's, no augmentation"] = (lambda: Discriminator(own, res), None)
     out["pixels (backbone none, 2 scales)"] = (lambda: Discriminator(pixels, res), None)
+    # StyleGAN's ending: features of the last map by position, and a group's spread beside them.
+    styled = dataclasses.replace(pixels, conv_head="dense", minibatch_std=4)
+    out["pixels, dense head, minibatch std 4"] = (lambda: Discriminator(styled, res), None)
     return out
 
 

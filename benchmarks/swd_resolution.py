@@ -7,7 +7,8 @@ benchmark takes its real sets from the training split, which holds thousands: th
 drawn them (a generator of the data distribution itself: where any generator's score lands, and how far one draw
 moves it), beside the final teacher and the final student on the same noise. Per draw it prints SWD at the base
 resolution, FID-EffNetLite0 and the RMS of the finest Laplacian band (the image minus its binomial blur: how much
-pixel-scale grain a set has); then each set's mean (sd), and the student's and teacher's paired change against the
+pixel-scale grain a set has); then each set's mean (sd) of those and of its contrast (the RMS about each image's own
+channel means), and the student's and teacher's paired change against the
 real set and the student's against the teacher, with the mean change's 95% t-interval. An interval across zero
 means this N and this many draws cannot tell the two apart, whichever way the mean points.
 
@@ -53,11 +54,19 @@ INVERTED = "student on latents"
 COLOURED = "student on coloured noise"
 INVERTED_PAIRS = ((INVERTED, "real"), ("student", INVERTED), (COLOURED, "student"))
 BAND = "finest band RMS"
+CONTRAST = "contrast"
 
 
 def finest_band_rms(images: torch.Tensor) -> float:
     """RMS of the finest Laplacian band of images in [-1, 1]: the pixel-scale grain a set has."""
     return float(laplacian_pyramid(images.float(), images.shape[-1] // 2)[0].square().mean().sqrt())
+
+
+def contrast(images: torch.Tensor) -> float:
+    """RMS of images in [-1, 1] about each image's own channel means: how much their pixels vary within an image
+    (SWD standardises a whole set's channels, so a set flatter within its images than between them shows there)."""
+    x = images.float()
+    return float((x - x.mean(dim=(2, 3), keepdim=True)).square().mean().sqrt())
 
 
 def consecutive_sets(tiles: HeldOutSlice, n: int) -> list[HeldOutSlice]:
@@ -148,14 +157,15 @@ def main() -> int:
                 images[COLOURED] = generate(cfg, nets["student"], tinted, drawn.condition, guidance=1.0)
                 latent_rows.append({"latents": latent_stats(unit_latents), "coloured": latent_stats(tinted),
                                     "noise": latent_stats(noise)})
-            rows.append({name: {**score(real, images[name], drawn.captions), BAND: 1e3 * finest_band_rms(images[name])}
-                         for name in sets})
+            rows.append({name: {**score(real, images[name], drawn.captions), BAND: 1e3 * finest_band_rms(images[name]),
+                                CONTRAST: 1e3 * contrast(images[name])} for name in sets})
             print(f"[swd_resolution] draw {d}: " + "; ".join(
                 f"{name} {rows[-1][name][key]:.1f} / {rows[-1][name][EFFNET_METRIC]:.1f} / {rows[-1][name][BAND]:.1f}"
                 for name in sets), flush=True)
     print(f"\n{args.images} images per set against {args.images} training images, {args.draws} draws "
-          f"({key} / {EFFNET_METRIC} / {BAND} x 1e3)")
-    print("\n".join(line for metric in (key, EFFNET_METRIC, BAND) for line in summary(rows, metric, sets, pairs)))
+          f"({key} / {EFFNET_METRIC} / {BAND} x 1e3; then the {CONTRAST} x 1e3)")
+    print("\n".join(line for metric in (key, EFFNET_METRIC, BAND, CONTRAST)
+                     for line in summary(rows, metric, sets, pairs)))
     if latent_rows:  # the inversion latents per sigma_max against the unit noise the other sets are drawn from
         mean = {kind: {stat: statistics.mean(r[kind][stat] for r in latent_rows) for stat in latent_rows[0][kind]}
                 for kind in latent_rows[0]}

@@ -285,12 +285,21 @@ class DiscriminatorConfig:
                                 "judges the image average-pooled by 2**s) beside the backbone's heads, on the images' "
                                 "own pixels: they see the pixel-scale grain the resize to backbone_input_size damps. "
                                 "Every head's hinge loss weighs the same")
+    conv_head: Literal["mean", "dense"] = knob(
+        "mean", "how each plain conv scale (backbone none, pixel_scales) turns its last 4x4 map into features: "
+                "'mean' over positions, or 'dense', a linear layer over the flattened map (StyleGAN's epilogue: it "
+                "also judges where in the image things lie)")
+    minibatch_std: int = knob(0, "group size of StyleGAN's minibatch standard-deviation channel before each plain "
+                                 "conv scale's last conv: the scale then sees how varied a group of images is (their "
+                                 "contrast, their grain), which a judge of one image at a time cannot; 0: off. Reals "
+                                 "and fakes are judged in separate calls, so a group never mixes them")
     optimizer: OptimizerConfig = section(OptimizerConfig, "discriminator optimizer")
 
     def __post_init__(self) -> None:
         require(self.channels >= 8, "channels", "must be >= 8")
         require(self.num_scales >= 1, "num_scales", "must be >= 1")
         require(self.pixel_scales >= 0, "pixel_scales", "must be >= 0")
+        require(self.minibatch_std >= 0, "minibatch_std", "must be >= 0 (0: off)")
         require(self.pixel_scales == 0 or self.backbone != "none", "pixel_scales",
                 "adds pixel heads beside a backbone's; without one (backbone: none) every scale already judges "
                 "pixels: set num_scales instead")

@@ -272,7 +272,8 @@ def test_seeds_table_gives_the_mean_change_and_its_95_percent_interval():
 
 def test_swd_resolution_summarises_every_pair_of_sets():
     """The resolution benchmark's summary: each set's mean (sd), and the paired changes with their intervals (the
-    --inverted set's too); its latent statistics tell white noise from spatially correlated latents."""
+    --inverted set's too); its latent statistics tell white noise from spatially correlated latents; its contrast
+    ignores where an image's colours sit and follows how far its pixels spread about them."""
     import importlib.util
     from pathlib import Path
 
@@ -303,6 +304,12 @@ def test_swd_resolution_summarises_every_pair_of_sets():
     assert abs(white["channel-mean sd"] - 1 / 16) < 0.005  # the mean of 256 unit values
     smooth = bench.latent_stats(noise + noise.roll(1, dims=-1))  # neighbours share half their variance
     assert abs(smooth["neighbour correlation"] - 0.5) < 0.02 and smooth["channel-mean sd"] > 1.3 / 16
+
+    # Contrast is taken about each image's own channel means: a per-image offset leaves it, a scale moves it.
+    images = 0.2 * noise.clamp(-3, 3) / 3
+    shifted = images + torch.linspace(-0.5, 0.5, 512).view(-1, 1, 1, 1)
+    assert abs(bench.contrast(shifted) - bench.contrast(images)) < 1e-6
+    assert abs(bench.contrast(0.5 * images) / bench.contrast(images) - 0.5) < 1e-6
 
 
 def test_coloured_noise_carries_the_latents_second_order_statistics_and_nothing_else():

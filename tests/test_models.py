@@ -451,6 +451,41 @@ def test_pixel_scales_judge_the_images_own_pixels_beside_the_backbone() -> None:
         Discriminator(DiscriminatorConfig(**base, pixel_scales=3), 8)
 
 
+def test_dense_head_judges_where_things_lie_and_minibatch_std_how_varied_a_group_is() -> None:
+    """conv_head=dense answers a pattern and the same pattern moved with unrelated features (the mean head, a mean
+    over positions, with nearly the same ones); minibatch_std makes an image's logit depend on the images of its group
+    and on no others, for any batch size."""
+    x, blank = torch.zeros(1, 3, 16, 16), torch.zeros(1, 3, 16, 16)
+    x[:, :, 4:8, 4:8] = 1.0
+    moved = torch.roll(x, shifts=(4, 4), dims=(2, 3))  # one cell of the last 4x4 map further
+    for seed in range(3):
+        similarity = {}
+        for head in ("mean", "dense"):
+            torch.manual_seed(seed)
+            scale = Discriminator(DiscriminatorConfig(channels=8, num_scales=1, conv_head=head), 16).scales[0]
+            with torch.no_grad():  # each response taken against the blank image's
+                a, b = scale(x) - scale(blank), scale(moved) - scale(blank)
+            similarity[head] = float(F.cosine_similarity(a, b).squeeze())
+        assert similarity["mean"] > 0.75 and abs(similarity["dense"]) < 0.3, (seed, similarity)
+
+    torch.manual_seed(0)
+    disc = Discriminator(DiscriminatorConfig(channels=8, num_scales=2, minibatch_std=4), 16)
+    plain = Discriminator(DiscriminatorConfig(channels=8, num_scales=2), 16)
+    assert [s.final.in_channels for s in disc.scales] == [s.final.in_channels + 1 for s in plain.scales]
+    x = torch.rand(8, 3, 16, 16) * 2 - 1
+    y = x.clone()
+    y[5] = -y[5]  # another image in the second group of four
+    a, b = torch.stack(disc(x)), torch.stack(disc(y))
+    torch.testing.assert_close(a[:, :4], b[:, :4])  # the first group never sees it
+    assert (a[:, 4] - b[:, 4]).abs().min() > 0  # its group-mates do
+    a, b = torch.stack(plain(x)), torch.stack(plain(y))
+    torch.testing.assert_close(a[:, 4], b[:, 4])  # without the channel an image is judged alone
+    assert [t.shape for t in disc(x[:6])] == [(6,)] * 2  # 6 images: groups of 3
+    torch.testing.assert_close(torch.stack(disc(x[:1])), torch.stack(disc(x[:1])))  # one image: a group of one
+    with pytest.raises(ConfigError, match=r"minibatch_std: must be >= 0"):
+        DiscriminatorConfig(minibatch_std=-1)
+
+
 def _record_backbone_inputs(disc: Discriminator) -> list[tuple[int, ...]]:
     """The shapes the discriminator's backbone is called with, from now on."""
     seen: list[tuple[int, ...]] = []

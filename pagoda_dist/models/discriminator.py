@@ -1,7 +1,8 @@
 """Conditional multi-scale discriminator for the distil and grow stages (hinge logits, one tensor per scale).
 
 Two kinds, picked by `DiscriminatorConfig.backbone`:
-- "none": `num_scales` small conv nets, scale s judging the image average-pooled by 2**s;
+- "none": `num_scales` small conv nets, scale s judging the image average-pooled by 2**s (`conv_head` and
+  `minibatch_std` shape how each one ends);
 - "efficientnet_lite0": a projected discriminator, small heads on the multi-scale feature maps of a frozen
   ImageNet EfficientNet-Lite0 (the deepest `num_scales` of its four taps), and `pixel_scales` of the plain conv
   scales beside them on the image's own pixels.
@@ -67,9 +68,14 @@ class ProjectionHead(nn.Module):
 
 
 class ConvScale(nn.Module):
-    """A small conv net for one image scale: from-RGB conv, DownBlocks to 4x4, conv, global mean -> features."""
+    """A small conv net for one image scale: from-RGB conv, DownBlocks to 4x4, conv, then features from that map:
+    its mean over positions ("mean"), or a linear layer over the flattened map ("dense", StyleGAN's epilogue, which
+    also judges where in the image things lie). With `minibatch_std` > 0 the last conv also sees StyleGAN's
+    minibatch standard-deviation channel: how varied a group of that many images is, which no per-image judge sees.
+    """
 
-    def __init__(self, in_channels: int, resolution: int, channels: int, max_channels: int) -> None:
+    def __init__(self, in_channels: int, resolution: int, channels: int, max_channels: int, head: str = "mean",
+                 minibatch_std: int = 0) -> None:
         super().__init__()
         self.from_rgb = nn.Conv2d(in_channels, channels, 3, padding=1)
         blocks, ch, res = [], channels, resolution
@@ -78,12 +84,27 @@ class ConvScale(nn.Module):
             blocks.append(DownBlock(ch, out))
             ch, res = out, res // 2
         self.blocks = nn.Sequential(*blocks)
-        self.final = nn.Conv2d(ch, ch, 3, padding=1)
+        self.minibatch_std = minibatch_std
+        self.final = nn.Conv2d(ch + int(minibatch_std > 0), ch, 3, padding=1)
+        self.dense = nn.Linear(ch * res * res, ch) if head == "dense" else None
         self.features = ch
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.blocks(_act(self.from_rgb(x)))
-        return _act(self.final(h)).mean(dim=(2, 3))
+        if self.minibatch_std:
+            h = torch.cat([h, minibatch_std(h, self.minibatch_std)], dim=1)
+        h = _act(self.final(h))
+        return h.mean(dim=(2, 3)) if self.dense is None else _act(self.dense(h.flatten(1)))
+
+
+def minibatch_std(h: Tensor, group: int) -> Tensor:
+    """(B, 1, H, W): per group of consecutive images, the standard deviation over the group of every feature,
+    averaged to one value, broadcast to its images. The group is the largest divisor of B up to `group`, so any
+    batch works; consecutive images share one, so a batch of reals and a batch of fakes judged apart never mix."""
+    b, _, height, width = h.shape
+    g = max(d for d in range(1, min(group, b) + 1) if b % d == 0)
+    spread = h.float().reshape(b // g, g, -1).var(dim=1, unbiased=False).add(1e-8).sqrt().mean(dim=1)
+    return spread.to(h.dtype).repeat_interleave(g).view(b, 1, 1, 1).expand(b, 1, height, width)
 
 
 class FeatureScale(nn.Module):
@@ -166,5 +187,5 @@ def _conv_scales(cfg: DiscriminatorConfig, key: str, count: int, resolution: int
         most = int(math.log2(resolution // MIN_RESOLUTION)) + 1
         raise ValueError(f"discriminator.{key}={count} at resolution {resolution} judges a {coarsest}px image; use at "
                          f"most {most} scales (coarsest {MIN_RESOLUTION}px)")
-    return nn.ModuleList([ConvScale(in_channels, resolution >> s, cfg.channels, 8 * cfg.channels)
-                          for s in range(count)])
+    return nn.ModuleList([ConvScale(in_channels, resolution >> s, cfg.channels, 8 * cfg.channels, cfg.conv_head,
+                                    cfg.minibatch_std) for s in range(count)])
