@@ -8,9 +8,9 @@ drawn them (a generator of the data distribution itself: where any generator's s
 moves it), beside the final teacher and the final student on the same noise. Per draw it prints SWD at the base
 resolution, FID-EffNetLite0 and the RMS of the finest Laplacian band (the image minus its binomial blur: how much
 pixel-scale grain a set has); then each set's mean (sd) of those and of its contrast (the RMS about each image's own
-channel means), and the student's and teacher's paired change against the
-real set and the student's against the teacher, with the mean change's 95% t-interval. An interval across zero
-means this N and this many draws cannot tell the two apart, whichever way the mean points.
+channel means), and the student's and teacher's paired change against the real set and the student's against the
+teacher, with the mean change's 95% t-interval. An interval across zero means this N and this many draws cannot
+tell the two apart, whichever way the mean points.
 
 --inverted adds a fourth set: the student handed the inversion latents of the draw's own real tiles instead of fresh
 noise, and prints how those latents differ from N(0, I). Near the real set, it says the student has learnt the
