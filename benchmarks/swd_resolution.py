@@ -21,9 +21,13 @@ can close that gap. A fifth set, the student on the same noise coloured to the l
 difference: near the student on latents, they are; near or beyond the student on fresh noise, the difference lies in
 what a Gaussian cannot carry.
 
+--live adds the student's live weights (the ones the optimiser stepped, from the same checkpoint) beside its EMA
+network, on the same noise: what the weight average does to the images, e.g. to their contrast.
+
     python benchmarks/swd_resolution.py configs/tiles.yaml run.name=tiles-v9 --images 128 --draws 10
     python benchmarks/swd_resolution.py configs/tiles.yaml run.name=tiles-v9 --images 512 --draws 7
     python benchmarks/swd_resolution.py configs/tiles.yaml run.name=tiles-v9 --images 128 --draws 10 --inverted
+    python benchmarks/swd_resolution.py configs/tiles.yaml run.name=tiles-v9 --images 128 --draws 10 --live
 """
 
 from __future__ import annotations
@@ -53,6 +57,8 @@ PAIRS = (("teacher", "real"), ("student", "real"), ("student", "teacher"))
 INVERTED = "student on latents"
 COLOURED = "student on coloured noise"
 INVERTED_PAIRS = ((INVERTED, "real"), ("student", INVERTED), (COLOURED, "student"))
+LIVE = "student live weights"
+LIVE_PAIRS = ((LIVE, "teacher"), (LIVE, "student"))
 BAND = "finest band RMS"
 CONTRAST = "contrast"
 
@@ -126,11 +132,17 @@ def main() -> int:
     parser.add_argument("--inverted", action="store_true",
                         help="also score the student on the inversion latents of each draw's real tiles, and on "
                              "the draw's noise coloured to the latents' spectrum")
+    parser.add_argument("--live", action="store_true",
+                        help="also score the student's live (not EMA) weights of the same checkpoint")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     n, res = args.images, cfg.model.resolution
     key = f"swd/{res}"
-    sets, pairs = (SETS + (INVERTED, COLOURED), PAIRS + INVERTED_PAIRS) if args.inverted else (SETS, PAIRS)
+    sets, pairs = SETS, PAIRS
+    if args.inverted:
+        sets, pairs = sets + (INVERTED, COLOURED), pairs + INVERTED_PAIRS
+    if args.live:
+        sets, pairs = sets + (LIVE,), pairs + LIVE_PAIRS
     torch.manual_seed(cfg.run.seed)
     rows, latent_rows = [], []
     with local_storage(cfg):
@@ -144,6 +156,8 @@ def main() -> int:
             root = spectrum_root(tiles.latent / cfg.diffusion.sigma_max)
         score = Scorer(cfg)
         nets = {"teacher": load_network(cfg, "teacher"), "student": load_network(cfg, "distill")}
+        if args.live:
+            nets[LIVE] = load_network(cfg, "distill", weights="net")
         for d, drawn in enumerate(real_sets, start=1):
             g = torch.Generator().manual_seed(cfg.run.seed + d)  # draw 1 is the quality benchmark's curve noise
             noise = torch.randn(n, cfg.model.in_channels, res, res, generator=g)

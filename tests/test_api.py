@@ -16,6 +16,7 @@ from pagoda_dist import storage
 from pagoda_dist.api import ExportedModel, GeneratorError, load_generator
 from pagoda_dist.chain import stage_spec
 from pagoda_dist.config import Config, load_config
+from pagoda_dist.eval.inputs import load_export_network
 from pagoda_dist.interfaces import Condition, Stage
 from pagoda_dist.models.text_encoder import TextEncoder
 from pagoda_dist.runtime.checkpoint import CheckpointRef, CheckpointStore, SavePayload
@@ -128,6 +129,21 @@ def test_safetensors_and_pt_exports_sample_as_the_stage_does(class_run, name: st
         one_class = from_folder.generate(3, classes=[2], seed=3)
         torch.testing.assert_close(one_class[:1], from_folder.generate(seed=3, classes=2))
         assert not torch.equal(one_class[:2], from_folder.generate(2, classes=[1], seed=3))
+
+
+def test_the_live_weights_load_beside_the_ema_network(class_run, tmp_path: Path) -> None:
+    """load_export_network(weights="net"): the weights the optimiser stepped, from the full export only."""
+    _, _, run = class_run
+    ref = CheckpointStore(run, "distill").latest_committed()
+    export = torch.load(io.BytesIO(storage.read_bytes(storage.join(ref.url, "export.pt"))), weights_only=True)
+    # This short run's EMA has not left its live weights yet; make them differ so a mix-up cannot pass.
+    export["net"] = {name: t + 1 if t.is_floating_point() else t for name, t in export["net"].items()}
+    torch.save(export, tmp_path / "export.pt")
+    for weights in ("ema", "net"):
+        state = load_export_network(str(tmp_path / "export.pt"), weights).state_dict()
+        assert all(torch.equal(state[name], t) for name, t in export[weights].items())
+    with pytest.raises(ValueError, match="holds no 'net' weights.*full export"):
+        load_export_network(storage.join(ref.url, "export.safetensors"), "net")
 
 
 def test_an_unconditional_generator(tmp_path: Path) -> None:

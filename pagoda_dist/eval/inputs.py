@@ -3,6 +3,7 @@ of a run's stages and their samples, and the feature networks (weights from a lo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -62,15 +63,15 @@ def read_held_out(cfg: Config, start: int, count: int, split: str = "val", laten
                         torch.cat(inverted)[:count] if latents else None)
 
 
-def load_network(cfg: Config, stage: str) -> torch.nn.Module:
-    """The EMA network of a stage's latest committed checkpoint."""
+def load_network(cfg: Config, stage: str, weights: Literal["ema", "net"] = "ema") -> torch.nn.Module:
+    """The EMA network (or, weights "net", the live one) of a stage's latest committed checkpoint."""
     url, _ = CheckpointStore(cfg.run_url, stage).latest_export()
-    return load_export_network(url)
+    return load_export_network(url, weights)
 
 
-def load_export_network(url: str) -> torch.nn.Module:
-    """The EMA network of the export at `url`, in eval mode."""
-    return network_from_export(load_export(url), source=url).eval()
+def load_export_network(url: str, weights: Literal["ema", "net"] = "ema") -> torch.nn.Module:
+    """The EMA network (or, weights "net", the live one) of the export at `url`, in eval mode."""
+    return network_from_export(load_export(url), source=url, weights=weights).eval()
 
 
 @torch.no_grad()

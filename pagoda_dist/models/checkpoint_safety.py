@@ -6,7 +6,7 @@ resolution and every differing config field, instead of torch's list of missing 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
@@ -93,8 +93,13 @@ def model_from_architecture(arch: dict[str, Any]) -> nn.Module:
                                     "expected 'unet' or 'one_step_generator'")
 
 
-def network_from_export(export: dict[str, Any], *, source: str = "export") -> UNet | OneStepGenerator:
-    """The EMA network a checkpoint's export describes, its architecture checked against the weights."""
+def network_from_export(export: dict[str, Any], *, source: str = "export",
+                        weights: Literal["ema", "net"] = "ema") -> UNet | OneStepGenerator:
+    """The network a checkpoint's export describes, its architecture checked against the weights: the EMA network,
+    or (weights "net") the live one the optimiser was stepping."""
+    if weights not in export:
+        raise ValueError(f"{source} holds no {weights!r} weights (it has {', '.join(sorted(export))}); the live "
+                         "weights are in a checkpoint's full export, not its safetensors copy")
     net = model_from_architecture(export["architecture"])
-    load_checked(net, {"architecture": export["architecture"], "state_dict": export["ema"]}, source=source)
+    load_checked(net, {"architecture": export["architecture"], "state_dict": export[weights]}, source=source)
     return net
