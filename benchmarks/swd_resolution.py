@@ -22,12 +22,15 @@ difference: near the student on latents, they are; near or beyond the student on
 what a Gaussian cannot carry.
 
 --live adds the student's live weights (the ones the optimiser stepped, from the same checkpoint) beside its EMA
-network, on the same noise: what the weight average does to the images, e.g. to their contrast.
+network, on the same noise: what the weight average does to the images, e.g. to their contrast. --student-kimg K
+scores the student's first committed checkpoint at or after K thousand images instead of its latest (keep them with
+logging.keep_checkpoints), to follow the student's metrics over training against the same teacher and real sets.
 
     python benchmarks/swd_resolution.py configs/tiles.yaml run.name=tiles-v9 --images 128 --draws 10
     python benchmarks/swd_resolution.py configs/tiles.yaml run.name=tiles-v9 --images 512 --draws 7
     python benchmarks/swd_resolution.py configs/tiles.yaml run.name=tiles-v9 --images 128 --draws 10 --inverted
     python benchmarks/swd_resolution.py configs/tiles.yaml run.name=tiles-v9 --images 128 --draws 10 --live
+    python benchmarks/swd_resolution.py configs/tiles.yaml run.name=tiles-v9 --images 128 --draws 10 --student-kimg 10
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ from pagoda_dist.config import load_config  # noqa: E402
 from pagoda_dist.data.tensors import downsample  # noqa: E402
 from pagoda_dist.eval.evaluate import Scorer, generate  # noqa: E402
 from pagoda_dist.eval.fid import EFFNET_METRIC  # noqa: E402
-from pagoda_dist.eval.inputs import HeldOutSlice, load_network, read_held_out  # noqa: E402
+from pagoda_dist.eval.inputs import HeldOutSlice, load_export_network, load_network, read_held_out  # noqa: E402
 from pagoda_dist.eval.swd import laplacian_pyramid  # noqa: E402
 from pagoda_dist.pipeline import local_storage  # noqa: E402
+from pagoda_dist.runtime.checkpoint import CheckpointStore, NoExport  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from quality_vs_time import mean_interval  # noqa: E402
@@ -134,6 +138,9 @@ def main() -> int:
                              "the draw's noise coloured to the latents' spectrum")
     parser.add_argument("--live", action="store_true",
                         help="also score the student's live (not EMA) weights of the same checkpoint")
+    parser.add_argument("--student-kimg", type=float, default=None,
+                        help="score the student's first committed checkpoint at or after this many thousand images "
+                             "(default: its latest), to follow a metric over training")
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     n, res = args.images, cfg.model.resolution
@@ -155,9 +162,16 @@ def main() -> int:
         if args.inverted:  # one estimate from every latent read: 128 per frequency would leave it noisy
             root = spectrum_root(tiles.latent / cfg.diffusion.sigma_max)
         score = Scorer(cfg)
-        nets = {"teacher": load_network(cfg, "teacher"), "student": load_network(cfg, "distill")}
+        store = CheckpointStore(cfg.run_url, "distill")
+        try:
+            student, seen = (store.latest_export() if args.student_kimg is None
+                             else store.export_from(round(args.student_kimg * 1000)))
+        except NoExport as err:
+            raise SystemExit(f"swd_resolution: {err}") from None
+        print(f"[swd_resolution] student: the checkpoint at {seen} images", flush=True)
+        nets = {"teacher": load_network(cfg, "teacher"), "student": load_export_network(student)}
         if args.live:
-            nets[LIVE] = load_network(cfg, "distill", weights="net")
+            nets[LIVE] = load_export_network(student, weights="net")
         for d, drawn in enumerate(real_sets, start=1):
             g = torch.Generator().manual_seed(cfg.run.seed + d)  # draw 1 is the quality benchmark's curve noise
             noise = torch.randn(n, cfg.model.in_channels, res, res, generator=g)

@@ -29,7 +29,7 @@ from pagoda_dist.interfaces import Condition
 from pagoda_dist.pipeline import distill_stage, reader_source, teacher_stage
 from pagoda_dist.runtime import (CheckpointMismatch, CheckpointStore, PlainDriver, load_export, preemption,
                                  train_single_process, train_stage)
-from pagoda_dist.runtime.checkpoint import SavePayload, capture_rng, restore_rng
+from pagoda_dist.runtime.checkpoint import NoExport, SavePayload, capture_rng, restore_rng
 from pagoda_dist.runtime.comm import Comm, SoloComm
 from pagoda_dist.runtime.drivers import _cast
 from pagoda_dist.runtime.ema import Ema
@@ -204,6 +204,11 @@ def test_checkpoint_store_commits_prunes_and_skips_partial(where: str, tmp_path:
     assert engines.value == 3.0 and loaded.data_state == {"next_index": 300}
     assert torch.equal(loaded.ema["w"], torch.full((2,), 3.0))
     assert store.latest_export() == (store.export_url(store.latest_committed()), 300)
+    # An earlier checkpoint by images seen (the first committed at or after them), skipping the uncommitted 400.
+    assert store.export_from(150) == (store.export_url(store.committed()[0]), 200)
+    assert store.export_from(300)[1] == 300
+    with pytest.raises(NoExport, match="at or after 301 images.*committed: 200, 300 images"):
+        store.export_from(301)
     export = load_export(store.latest_export()[0])
     assert export["architecture"] == {"kind": "fake"}
 

@@ -228,7 +228,20 @@ class CheckpointStore:
     def latest_export(self) -> tuple[str, int]:
         """The export of the latest committed checkpoint and the images it had seen; NoExport saying what is
         there instead when there is none."""
-        ref = self.latest_committed()
+        return self._export_of(self.latest_committed())
+
+    def export_from(self, nimg: int) -> tuple[str, int]:
+        """The export of the first committed checkpoint at or after `nimg` images and the images it had seen
+        (checkpoints land on batch boundaries, so 10k asks for the one at 10016); NoExport naming those there are."""
+        refs = self.committed()
+        ref = next((r for r in refs if r.nimg >= nimg), None)
+        if refs and ref is None:
+            raise NoExport(f"no committed {self.stage} checkpoint at or after {nimg} images under {self.url}; "
+                           f"committed: {', '.join(str(r.nimg) for r in refs)} images")
+        return self._export_of(ref)
+
+    def _export_of(self, ref: CheckpointRef | None) -> tuple[str, int]:
+        """(export URL, images seen) of `ref`; NoExport saying what is there when it is None or has no export."""
         if ref is None:
             present = storage.list_dir(self.url)
             detail = (f"found only uncommitted folders ({', '.join(u.rstrip('/').rsplit('/', 1)[-1] for u in present[:3])}"
