@@ -63,10 +63,10 @@ def read_held_out(cfg: Config, start: int, count: int, split: str = "val", laten
                         torch.cat(inverted)[:count] if latents else None)
 
 
-def load_network(cfg: Config, stage: str, weights: Literal["ema", "net"] = "ema") -> torch.nn.Module:
-    """The EMA network (or, weights "net", the live one) of a stage's latest committed checkpoint."""
+def load_network(cfg: Config, stage: str) -> torch.nn.Module:
+    """The EMA network of a stage's latest committed checkpoint."""
     url, _ = CheckpointStore(cfg.run_url, stage).latest_export()
-    return load_export_network(url, weights)
+    return load_export_network(url)
 
 
 def load_export_network(url: str, weights: Literal["ema", "net"] = "ema") -> torch.nn.Module:
